@@ -1,0 +1,313 @@
+"""Entry point: settings -> prompts -> directions -> search -> Pareto front -> export."""
+
+from __future__ import annotations
+
+import random
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+from rich.prompt import Prompt
+from rich.table import Table
+
+from heretic.abliteration import EditHooks, merge_edit, restore_weights, strengths_from_params
+from heretic.config import Settings, load_settings
+from heretic.directions import refusal_directions
+from heretic.errors import HereticError
+from heretic.evaluation import Evaluator, MarkerJudge, Score
+from heretic.export import build_metadata, save_model_folder, write_json
+from heretic.model import Model, load_model
+from heretic.optimization import (
+    KL_ATTR,
+    REFUSALS_ATTR,
+    SearchSpace,
+    best_trial,
+    finished_trials,
+    open_study,
+    pareto_front,
+    params_from_trial,
+    run_search,
+    trial_by_number,
+)
+from heretic.prompts import load_prompts
+
+PROMPT_SETS = ("good_prompts", "bad_prompts", "good_evaluation_prompts", "bad_evaluation_prompts")
+
+
+@dataclass
+class RunResult:
+    base_refusals: int
+    n_bad_evaluation_prompts: int
+    chosen_trial: int | None
+    kl_divergence: float | None
+    refusals: int | None
+    output_dir: Path
+    seconds: float
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+    try:
+        import numpy as np
+
+        np.random.seed(seed)
+    except ImportError:
+        pass
+
+
+def _progress(console: Console) -> Progress:
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        TextColumn("{task.fields[info]}"),
+        console=console,
+        disable=not console.is_terminal,
+    )
+
+
+def front_table(front, base_refusals: int, n_bad: int) -> Table:
+    table = Table(title="Pareto front (KL divergence vs refusals)")
+    table.add_column("trial", justify="right")
+    table.add_column("refusals", justify="right")
+    table.add_column("KL divergence", justify="right")
+    table.add_column("parameters")
+    for t in front:
+        params = params_from_trial(t)
+        text = "  ".join(
+            f"{c}: layers {p.layer_min:.2f}-{p.layer_max:.2f} w {p.weight:.2f}"
+            for c, p in params.items()
+        )
+        table.add_row(str(t.number), f"{int(t.values[1])}/{n_bad}", f"{t.values[0]:.4f}", text)
+    table.caption = f"base model: {base_refusals}/{n_bad} refusals, KL 0"
+    return table
+
+
+def _ask_trial(console: Console, front, study) -> int | None:
+    choices = [str(t.number) for t in front]
+    answer = Prompt.ask(
+        "Trial to save (a number from the table, or 'none')",
+        console=console,
+        choices=[*choices, "none"],
+        default=choices[0] if choices else "none",
+        show_choices=False,
+    )
+    return None if answer == "none" else int(answer)
+
+
+def run(settings: Settings, console: Console | None = None) -> RunResult:
+    console = console or Console(stderr=True)
+    started = time.perf_counter()
+    seed_everything(settings.seed)
+    output_dir = settings.output_dir
+
+    console.print("[bold]Loading prompts[/]")
+    prompts = {name: load_prompts(getattr(settings, name), name) for name in PROMPT_SETS}
+    for name, values in prompts.items():
+        console.print(f"  {name}: {len(values)} prompts")
+
+    console.print(f"[bold]Loading model[/] {settings.model}")
+    model = load_model(
+        settings.model,
+        gguf_file=settings.gguf_file,
+        dtype=settings.dtype,
+        device_map=settings.device_map,
+        trust_remote_code=settings.trust_remote_code,
+        system_prompt=settings.system_prompt,
+    )
+    console.print(
+        f"  {type(model.model).__name__}: {model.n_layers} layers, hidden size "
+        f"{model.hidden_size}, {model.model.dtype} on {model.device}"
+    )
+
+    batch_size = settings.batch_size
+    if batch_size == 0:
+        batch_size = model.find_batch_size(
+            prompts["bad_evaluation_prompts"], settings.max_batch_size
+        )
+        console.print(f"  automatic batch size: {batch_size}")
+
+    directions = _directions(model, prompts, settings, batch_size, console)
+    hooks = EditHooks(model.modules, directions)
+
+    console.print("[bold]Scoring the original model[/]")
+    judge = MarkerJudge(tuple(settings.refusal_markers))
+    evaluator = Evaluator(
+        model,
+        prompts["good_evaluation_prompts"],
+        prompts["bad_evaluation_prompts"],
+        judge,
+        settings.max_response_length,
+        batch_size,
+    )
+    n_bad = len(evaluator.bad_prompts)
+    console.print(f"  refusals: {evaluator.base_refusals}/{n_bad}")
+
+    study = _search(settings, model, hooks, evaluator, console)
+    front = pareto_front(study)
+    if not front:
+        raise HereticError("The study has no finished trials, so there is nothing to choose.")
+    console.print(front_table(front, evaluator.base_refusals, n_bad))
+
+    chosen = _choose(settings, console, front, study, evaluator.base_refusals)
+    result = RunResult(
+        base_refusals=evaluator.base_refusals,
+        n_bad_evaluation_prompts=n_bad,
+        chosen_trial=None,
+        kl_divergence=None,
+        refusals=None,
+        output_dir=output_dir,
+        seconds=0.0,
+    )
+    if chosen is not None:
+        n_finished = len(finished_trials(study))
+        _export(settings, model, hooks, directions, chosen, evaluator, n_finished, console)
+        result.chosen_trial = chosen.number
+        result.kl_divergence = chosen.user_attrs[KL_ATTR]
+        result.refusals = chosen.user_attrs[REFUSALS_ATTR]
+        console.print(
+            f"[bold green]Refusals {evaluator.base_refusals}/{n_bad} -> "
+            f"{result.refusals}/{n_bad}, KL divergence {result.kl_divergence:.4f}[/] "
+            f"(trial {chosen.number}); model saved to {output_dir / 'model'}"
+        )
+    hooks.remove()
+    result.seconds = time.perf_counter() - started
+    return result
+
+
+def _directions(
+    model: Model, prompts: dict, settings: Settings, batch_size: int, console: Console
+) -> torch.Tensor:
+    residuals = {}
+    with _progress(console) as progress:
+        for name in ("good_prompts", "bad_prompts"):
+            task = progress.add_task(f"Residuals for {name}", total=len(prompts[name]), info="")
+            residuals[name] = model.residuals(
+                prompts[name], batch_size, lambda n, task=task: progress.advance(task, n)
+            )
+    if not torch.isfinite(residuals["good_prompts"]).all() or not torch.isfinite(
+        residuals["bad_prompts"]
+    ).all():
+        raise HereticError(
+            "The model produced NaN/inf activations: try --dtype float32 (or bfloat16)."
+        )
+    return refusal_directions(
+        residuals["good_prompts"], residuals["bad_prompts"], settings.direction_method
+    )
+
+
+def _search(settings: Settings, model: Model, hooks, evaluator: Evaluator, console: Console):
+    settings.output_dir.mkdir(parents=True, exist_ok=True)
+    storage = settings.resolved_storage()
+    study = open_study(
+        storage, settings.study_name, settings.seed, settings.resolved_startup_trials()
+    )
+    done = len(finished_trials(study))
+    remaining = max(0, settings.n_trials - done)
+    if done:
+        console.print(f"[bold]Resuming[/] study '{settings.study_name}': {done} trials finished")
+    if remaining == 0:
+        return study
+    console.print(f"[bold]Searching[/]: {remaining} trials ({storage})")
+    space = SearchSpace(settings.min_weight, settings.max_weight)
+
+    def score(params) -> Score:
+        hooks.set_strengths(strengths_from_params(params, model.n_layers))
+        try:
+            return evaluator.score()
+        finally:
+            hooks.clear()
+
+    with _progress(console) as progress:
+        task = progress.add_task("Trials", total=settings.n_trials, completed=done, info="")
+
+        def on_trial(trial, n_finished):
+            progress.update(
+                task,
+                completed=n_finished,
+                info=f"last: {int(trial.values[1])} refusals, KL {trial.values[0]:.3f}",
+            )
+            if not console.is_terminal or settings.verbose:
+                console.print(
+                    f"  trial {trial.number}: refusals {int(trial.values[1])}, "
+                    f"KL {trial.values[0]:.4f}"
+                )
+
+        run_search(study, settings.n_trials, space, score, on_trial)
+    return study
+
+
+def _choose(settings: Settings, console: Console, front, study, base_refusals: int):
+    select = settings.select
+    if select == "ask" and not sys.stdin.isatty():
+        console.print("Not on a terminal: choosing the best trial (use --select to choose).")
+        select = "best"
+    if select == "none":
+        return None
+    if select == "best":
+        return best_trial(front, base_refusals)
+    if select == "ask":
+        number = _ask_trial(console, front, study)
+        return None if number is None else trial_by_number(study, number)
+    return trial_by_number(study, int(select))
+
+
+def _export(
+    settings, model: Model, hooks, directions, trial, evaluator, n_trials: int, console
+) -> None:
+    params = params_from_trial(trial)
+    strengths = strengths_from_params(params, model.n_layers)
+    hooks.clear()
+    console.print(f"[bold]Saving[/] trial {trial.number} to {settings.output_dir / 'model'}")
+    originals = merge_edit(model.modules, directions, strengths, model.hidden_size)
+    try:
+        save_model_folder(model.model, model.tokenizer, settings.output_dir / "model")
+    finally:
+        restore_weights(model.modules, originals)
+    metadata = build_metadata(
+        source_model=settings.model,
+        trial_number=trial.number,
+        best_params={
+            c: {"layer_min": p.layer_min, "layer_max": p.layer_max, "weight": p.weight}
+            for c, p in params.items()
+        },
+        kl_divergence=trial.user_attrs[KL_ATTR],
+        refusal_count=trial.user_attrs[REFUSALS_ATTR],
+        base_refusal_count=evaluator.base_refusals,
+        n_bad_evaluation_prompts=len(evaluator.bad_prompts),
+        n_trials=n_trials,
+        seed=settings.seed,
+        settings=settings.model_dump(mode="json"),
+    )
+    write_json(metadata, settings.output_dir / "heretic_metadata.json")
+
+
+def main(argv: list[str] | None = None) -> None:
+    console = Console(stderr=True)
+    try:
+        settings = load_settings(argv)
+        run(settings, console)
+    except HereticError as e:
+        console.print(f"[bold red]Error:[/] {e}", highlight=False)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        console.print("Interrupted: finished trials are kept in the study; rerun to resume.")
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,384 @@
+"""The model: loading, chat formatting, batched residuals, first-token log-probs, generation.
+
+This is the only module that touches transformers internals. It knows architectures (where the
+decoder layers and the matrices that write into the residual stream live), not the math of the
+edit: `abliteration.py` gets plain modules from `Model.editable_modules`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from heretic.errors import ModelLoadError
+
+# Component names used everywhere (parameters, metadata): the two kinds of matrices that write
+# into the residual stream.
+ATTN = "attn.o_proj"
+MLP = "mlp.down_proj"
+COMPONENTS = (ATTN, MLP)
+
+_DTYPES = {
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+    "float32": torch.float32,
+}
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where the weights come from: a hub id or folder, optionally a GGUF file inside it."""
+
+    path: str
+    gguf_file: str | None
+
+    @property
+    def description(self) -> str:
+        return f"{self.path}/{self.gguf_file}" if self.gguf_file else self.path
+
+
+def resolve_source(model: str, gguf_file: str | None = None) -> ModelSource:
+    """Split a local `.gguf` file path into (folder, file), the form transformers wants."""
+    if not model:
+        raise ModelLoadError(
+            "No model given: pass --model with a Hugging Face id, a model folder or a .gguf file."
+        )
+    path = Path(model).expanduser()
+    if model.lower().endswith(".gguf"):
+        if not path.is_file():
+            raise ModelLoadError(f"GGUF file {path} does not exist: check --model.")
+        return ModelSource(str(path.parent.resolve()), path.name)
+    looks_local = model.startswith((".", "/", "~")) or path.exists() or model.count("/") > 1
+    if looks_local and not path.exists():
+        raise ModelLoadError(f"Model folder {path} does not exist: check --model.")
+    if path.is_dir():
+        if not (path / "config.json").is_file() and gguf_file is None:
+            ggufs = sorted(p.name for p in path.glob("*.gguf"))
+            hint = f" (it holds GGUF files: pass --gguf-file {ggufs[0]})" if ggufs else ""
+            raise ModelLoadError(f"{path} has no config.json, so it is not a model folder{hint}.")
+        return ModelSource(str(path.resolve()), gguf_file)
+    return ModelSource(model, gguf_file)
+
+
+def _resolve_dtype(name: str) -> torch.dtype | str:
+    return "auto" if name == "auto" else _DTYPES[name]
+
+
+def find_decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The decoder layers, found structurally so that new architectures need no table entry."""
+    config = getattr(model, "config", None)
+    text_config = config.get_text_config() if config is not None else None
+    n_layers = getattr(text_config, "num_hidden_layers", None)
+    candidates = [
+        (name, module)
+        for name, module in model.named_modules()
+        if isinstance(module, nn.ModuleList) and len(module) > 0
+    ]
+    for name, module in candidates:
+        if name.endswith("layers") and (n_layers is None or len(module) == n_layers):
+            return module
+    names = ", ".join(name for name, _ in candidates) or "none"
+    raise ModelLoadError(
+        f"Cannot find the decoder layers of {type(model).__name__} "
+        f"(expected a ModuleList named '*layers' with {n_layers} entries; found: {names}). "
+        "This architecture is not supported yet."
+    )
+
+
+def _attention_out(layer: nn.Module) -> list[nn.Module]:
+    for attn_name in ("self_attn", "attention", "attn"):
+        attn = getattr(layer, attn_name, None)
+        if attn is None:
+            continue
+        for out_name in ("o_proj", "out_proj", "dense", "c_proj"):
+            out = getattr(attn, out_name, None)
+            if isinstance(out, nn.Linear):
+                return [out]
+    return []
+
+
+def _mlp_out(layer: nn.Module) -> list[nn.Module]:
+    """The MLP's writers into the residual stream; for MoE, the whole expert block once.
+
+    Projecting r out of a sparse MoE block's output equals editing every expert's (and the
+    shared expert's) down-projection with the same strength, since the block output is a
+    weighted sum of those; hooking the block covers fused 3-D expert tensors too.
+    """
+    for mlp_name in ("mlp", "feed_forward", "block_sparse_moe"):
+        mlp = getattr(layer, mlp_name, None)
+        if mlp is None:
+            continue
+        down = getattr(mlp, "down_proj", None)
+        if isinstance(down, nn.Linear):
+            return [down]
+        if getattr(mlp, "experts", None) is not None:
+            return [mlp]
+    return []
+
+
+def editable_modules(layer: nn.Module, index: int) -> dict[str, list[nn.Module]]:
+    modules = {ATTN: _attention_out(layer), MLP: _mlp_out(layer)}
+    missing = [name for name, found in modules.items() if not found]
+    if missing:
+        children = ", ".join(name for name, _ in layer.named_children())
+        raise ModelLoadError(
+            f"Layer {index} ({type(layer).__name__}) has no {' or '.join(missing)} that heretic "
+            f"knows how to edit (its children: {children}). This architecture is not supported."
+        )
+    return modules
+
+
+def _module_output(output: object) -> torch.Tensor:
+    return output[0] if isinstance(output, tuple) else output  # type: ignore[return-value]
+
+
+class Model:
+    """A loaded chat model plus everything heretic asks of it."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        tokenizer,
+        *,
+        source: ModelSource,
+        system_prompt: str | None,
+    ) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.source = source
+        self.system_prompt = system_prompt
+        self.layers = find_decoder_layers(model)
+        self.modules = [editable_modules(layer, i) for i, layer in enumerate(self.layers)]
+        if getattr(tokenizer, "chat_template", None) is None:
+            raise ModelLoadError(
+                f"{source.description} has no chat template, so it is probably a base model: "
+                "abliteration removes refusals from chat models; use the instruct/chat version."
+            )
+        tokenizer.padding_side = "left"
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        self.model.eval()
+        self.model.requires_grad_(False)
+
+    @property
+    def n_layers(self) -> int:
+        return len(self.layers)
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self.model.config.get_text_config().hidden_size)
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.get_input_embeddings().weight.device
+
+    # ----- prompts -------------------------------------------------------------------------
+
+    def format_chat(self, prompt: str) -> str:
+        """The prompt as the model sees it, up to where its response starts."""
+        user = {"role": "user", "content": prompt}
+        messages = [user]
+        if self.system_prompt:
+            messages = [{"role": "system", "content": self.system_prompt}, user]
+        try:
+            return self.tokenizer.apply_chat_template(
+                messages, tokenize=False, add_generation_prompt=True
+            )
+        except Exception:
+            if not self.system_prompt:
+                raise
+            # Some templates (Gemma's older ones) reject a system role: fold it into the turn.
+            merged = {"role": "user", "content": f"{self.system_prompt}\n\n{prompt}"}
+            return self.tokenizer.apply_chat_template(
+                [merged], tokenize=False, add_generation_prompt=True
+            )
+
+    def encode(self, prompts: Sequence[str]) -> dict[str, torch.Tensor]:
+        texts = [self.format_chat(p) for p in prompts]
+        batch = self.tokenizer(
+            texts, return_tensors="pt", padding=True, add_special_tokens=False
+        )
+        return {k: v.to(self.device) for k, v in batch.items()}
+
+    # ----- batched passes ------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def residuals(
+        self, prompts: Sequence[str], batch_size: int, progress: Callable[[int], None] | None = None
+    ) -> torch.Tensor:
+        """Residual stream after every decoder layer at the last prompt token.
+
+        Returns float32 (n_prompts, n_layers, hidden). Captured with hooks on the layers, so the
+        final norm is never mixed in and the LM head is never computed.
+        """
+        captured: list[torch.Tensor | None] = [None] * self.n_layers
+
+        def make_hook(i: int):
+            def hook(_module, _inputs, output):
+                captured[i] = _module_output(output)[:, -1, :].float().cpu()
+
+            return hook
+
+        handles = [layer.register_forward_hook(make_hook(i)) for i, layer in enumerate(self.layers)]
+        out = []
+        try:
+            for start in range(0, len(prompts), batch_size):
+                chunk = prompts[start : start + batch_size]
+                self._base_model()(**self.encode(chunk), use_cache=False)
+                out.append(torch.stack(captured, dim=1))  # type: ignore[arg-type]
+                if progress:
+                    progress(len(chunk))
+        finally:
+            for h in handles:
+                h.remove()
+        return torch.cat(out)
+
+    def _base_model(self) -> nn.Module:
+        base = getattr(self.model, "base_model", None)
+        return base if isinstance(base, nn.Module) and base is not self.model else self.model
+
+    @torch.inference_mode()
+    def first_token_logprobs(self, prompts: Sequence[str], batch_size: int) -> torch.Tensor:
+        """Log-probabilities (float32, n_prompts x vocab) of the first response token."""
+        out = []
+        for start in range(0, len(prompts), batch_size):
+            batch = self.encode(prompts[start : start + batch_size])
+            logits = self.model(**batch, use_cache=False, logits_to_keep=1).logits[:, -1, :]
+            out.append(torch.log_softmax(logits.float(), dim=-1).cpu())
+        return torch.cat(out)
+
+    @torch.inference_mode()
+    def generate(
+        self,
+        prompts: Sequence[str],
+        max_new_tokens: int,
+        batch_size: int,
+        is_decided: Callable[[str], bool] | None = None,
+    ) -> list[str]:
+        """Greedy responses. A sequence for which `is_decided(text)` is true stops early."""
+        from transformers import StoppingCriteria, StoppingCriteriaList
+
+        tokenizer = self.tokenizer
+        responses: list[str] = []
+        for start in range(0, len(prompts), batch_size):
+            batch = self.encode(prompts[start : start + batch_size])
+            prompt_len = batch["input_ids"].shape[1]
+            criteria = StoppingCriteriaList()
+            if is_decided is not None:
+
+                class _Decided(StoppingCriteria):
+                    def __call__(self, input_ids, scores, **kwargs) -> torch.Tensor:
+                        texts = tokenizer.batch_decode(
+                            input_ids[:, prompt_len:], skip_special_tokens=True
+                        )
+                        flags = [is_decided(t) for t in texts]
+                        return torch.tensor(flags, dtype=torch.bool, device=input_ids.device)
+
+                criteria.append(_Decided())
+            output = self.model.generate(
+                **batch,
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                temperature=None,
+                top_p=None,
+                top_k=None,
+                pad_token_id=tokenizer.pad_token_id,
+                stopping_criteria=criteria,
+            )
+            responses += tokenizer.batch_decode(output[:, prompt_len:], skip_special_tokens=True)
+        return responses
+
+    def find_batch_size(self, prompts: Sequence[str], max_batch_size: int) -> int:
+        """The batch size with the best generation throughput that fits in memory."""
+        best_size, best_rate = 1, 0.0
+        size = min(8, max_batch_size)
+        while size <= max_batch_size:
+            sample = [prompts[i % len(prompts)] for i in range(size)]
+            try:
+                self.generate(sample[: min(4, size)], 2, size)  # warm-up
+                start = time.perf_counter()
+                self.generate(sample, 8, size)
+                rate = size / (time.perf_counter() - start)
+            except torch.OutOfMemoryError:
+                break
+            finally:
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
+            if rate < best_rate * 1.05:
+                break
+            best_size, best_rate = size, max(rate, best_rate)
+            size *= 2
+        return best_size
+
+
+def load_model(
+    model: str,
+    *,
+    gguf_file: str | None = None,
+    dtype: str = "bfloat16",
+    device_map: str = "auto",
+    trust_remote_code: bool = False,
+    system_prompt: str | None = None,
+) -> Model:
+    """Load a hub id, local folder or GGUF file as a heretic `Model`."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    source = resolve_source(model, gguf_file)
+    kwargs = {"trust_remote_code": trust_remote_code}
+    if source.gguf_file:
+        kwargs["gguf_file"] = source.gguf_file
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source.path, **kwargs)
+        loaded = AutoModelForCausalLM.from_pretrained(
+            source.path,
+            dtype=torch.float32 if source.gguf_file else _resolve_dtype(dtype),
+            device_map=None if source.gguf_file else _device_map(device_map),
+            **kwargs,
+        )
+    except (OSError, ValueError, KeyError, ImportError) as e:
+        message = str(e).splitlines()[0] if str(e) else type(e).__name__
+        if "trust_remote_code" in str(e):
+            message = "it needs its own code: rerun with --trust-remote-code if you trust it"
+        raise ModelLoadError(f"Cannot load model {source.description}: {message}") from e
+    if source.gguf_file:
+        loaded = _dequantized_copy(loaded, dtype, device_map)
+    return Model(loaded, tokenizer, source=source, system_prompt=system_prompt)
+
+
+def _device_map(device_map: str) -> str | None:
+    if device_map == "auto" and not torch.cuda.is_available():
+        return None
+    return device_map
+
+
+def _dequantized_copy(model: nn.Module, dtype: str, device_map: str) -> nn.Module:
+    """A GGUF-loaded model carries a quantization config and refuses `save_pretrained`:
+    rebuild a plain model from its config and move the (already dequantized) weights over."""
+    from transformers import AutoModelForCausalLM
+
+    config = model.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    target = torch.float32 if dtype == "auto" else _DTYPES[dtype]
+    clean = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    clean.load_state_dict(model.state_dict())
+    del model
+    clean = clean.to(target)
+    device = _device_map(device_map)
+    if device and device != "auto":
+        clean = clean.to(device)
+    elif device == "auto":
+        clean = clean.to("cuda")
+    return clean
+
+
+@contextlib.contextmanager
+def timed() -> Iterator[Callable[[], float]]:
+    start = time.perf_counter()
+    yield lambda: time.perf_counter() - start
