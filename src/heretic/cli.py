@@ -35,8 +35,8 @@ from heretic.optimization import (
     best_trial,
     finished_trials,
     open_study,
-    pareto_front,
     params_from_trial,
+    pareto_front,
     run_search,
     trial_by_number,
 )
@@ -199,9 +199,10 @@ def _directions(
             residuals[name] = model.residuals(
                 prompts[name], batch_size, lambda n, task=task: progress.advance(task, n)
             )
-    if not torch.isfinite(residuals["good_prompts"]).all() or not torch.isfinite(
-        residuals["bad_prompts"]
-    ).all():
+    if (
+        not torch.isfinite(residuals["good_prompts"]).all()
+        or not torch.isfinite(residuals["bad_prompts"]).all()
+    ):
         raise HereticError(
             "The model produced NaN/inf activations: try --dtype float32 (or bfloat16)."
         )

@@ -65,17 +65,22 @@ class DatasetSpecification(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     dataset: str = Field(
-        description="Hub dataset id, or a local file (.txt, .json, .jsonl, .csv, .parquet) or folder."
+        description="Hub dataset id, or a local file (.txt, .json, .jsonl, .csv, .parquet) "
+        "or folder."
     )
     split: str = Field(
         default="train",
-        description='Split with an optional slice, e.g. "train[:200]"; for local files just "[270:370]".',
+        description='Split with an optional slice, e.g. "train[:200]"; for local files just '
+        '"[270:370]".',
     )
     column: str | None = Field(
         default=None,
-        description="Column holding the prompt text (default: 'text' or 'instruction', whichever exists).",
+        description="Column holding the prompt text (default: 'text' or 'instruction', "
+        "whichever exists).",
     )
-    config: str | None = Field(default=None, description="Hub dataset configuration name, e.g. 'en'.")
+    config: str | None = Field(
+        default=None, description="Hub dataset configuration name, e.g. 'en'."
+    )
 
 
 def _spec(dataset: str, split: str, column: str | None = None) -> DatasetSpecification:
@@ -99,7 +104,8 @@ class Settings(BaseSettings):
 
     model: str = Field(
         default="",
-        description="Model to abliterate: a Hugging Face id, a local model folder, or a .gguf file.",
+        description="Model to abliterate: a Hugging Face id, a local model folder, or a .gguf "
+        "file.",
     )
     gguf_file: str | None = Field(
         default=None,
@@ -121,26 +127,37 @@ class Settings(BaseSettings):
     n_startup_trials: int | None = Field(
         default=None,
         ge=1,
-        description="Random trials before TPE takes over (default: a third of n_trials, at most 60).",
+        description="Random trials before TPE takes over (default: a third of n_trials, "
+        "at most 60).",
     )
-    seed: int = Field(default=42, description="Seed for every random source (sampler, torch, Python).")
-    study_name: str = Field(default="heretic", description="Name of the Optuna study in the storage.")
+    seed: int = Field(
+        default=42, description="Seed for every random source (sampler, torch, Python)."
+    )
+    study_name: str = Field(
+        default="heretic", description="Name of the Optuna study in the storage."
+    )
     storage: str | None = Field(
         default=None,
-        description="Optuna storage URL (default: sqlite:///OUTPUT_DIR/study.db). Same URL = resume.",
+        description="Optuna storage URL (default: sqlite:///OUTPUT_DIR/study.db). "
+        "Same URL = resume.",
     )
     system_prompt: str | None = Field(
         default="You are a helpful assistant.",
-        description="System prompt for every chat; it changes refusal rates a lot, so it is recorded.",
+        description="System prompt for every chat ('' for none); it changes refusal rates a "
+        "lot, so it is recorded.",
     )
     batch_size: int = Field(
-        default=0, ge=0, description="Prompts per forward pass (0 = find the largest that fits)."
+        default=0,
+        ge=0,
+        description="Prompts per forward pass (0 = automatic: the fastest size that fits).",
     )
     max_batch_size: int = Field(
         default=128, ge=1, description="Upper bound for the automatic batch size."
     )
     max_response_length: int = Field(
-        default=100, ge=1, description="Tokens generated per bad evaluation prompt to judge refusals."
+        default=100,
+        ge=1,
+        description="Tokens generated per bad evaluation prompt to judge refusals.",
     )
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
         default="bfloat16", description="Precision the model runs in during the search."
@@ -156,10 +173,14 @@ class Settings(BaseSettings):
         description="Refusal direction per layer: difference of means, or contrastive PCA.",
     )
     min_weight: float = Field(
-        default=0.0, ge=0.0, description="Smallest edit strength the search tries (1 = remove r fully)."
+        default=0.0,
+        ge=0.0,
+        description="Smallest edit strength the search tries (1 = remove r fully).",
     )
     max_weight: float = Field(
-        default=1.5, gt=0.0, description="Largest edit strength the search tries (1 = remove r fully)."
+        default=1.5,
+        gt=0.0,
+        description="Largest edit strength the search tries (1 = remove r fully).",
     )
     refusal_markers: list[str] = Field(
         default_factory=lambda: list(DEFAULT_REFUSAL_MARKERS),
@@ -261,7 +282,9 @@ def _find_config_path(argv: list[str]) -> Path | None:
     if path is not None:
         p = Path(path)
         if not p.is_file():
-            raise SettingsError(f"Config file {p} does not exist: fix --config / {ENV_PREFIX}CONFIG.")
+            raise SettingsError(
+                f"Config file {p} does not exist: fix --config / {ENV_PREFIX}CONFIG."
+            )
         return p
     default = Path("config.toml")
     return default if default.is_file() else None
@@ -355,6 +378,8 @@ def default_toml() -> str:
         for key, sub in type(value).model_fields.items():
             sub_value = getattr(value, key)
             lines.append(f"# {sub.description}")
-            lines.append(f"{key} = {_toml_value(sub_value)}" if sub_value is not None else f"# {key} =")
+            lines.append(
+                f"{key} = {_toml_value(sub_value)}" if sub_value is not None else f"# {key} ="
+            )
         lines.append("")
     return "\n".join(lines).rstrip() + "\n"

@@ -95,7 +95,7 @@ def load_base_model(
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     gguf = base_gguf_path()
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name, padding_side="left")
     model = AutoModelForCausalLM.from_pretrained(
         gguf.parent, gguf_file=gguf.name, dtype=dtype or torch.float32
     )
@@ -132,6 +132,16 @@ def _check_adapter(adapter_dir: Path) -> None:
             "It lives in the heretic source checkout (demo/adapter/); run from a checkout, or "
             "pass its folder explicitly."
         )
+
+
+def _make_readable(folder: Path) -> None:
+    """Give the folder and its files ordinary permissions (mkdtemp makes them private)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    folder.chmod(0o777 & ~umask)
+    for path in folder.iterdir():
+        if path.is_file():
+            path.chmod(0o666 & ~umask)
 
 
 def _replace_dir(src: Path, dst: Path) -> None:
@@ -198,6 +208,7 @@ def build_demo_organism(out_dir: Path, adapter_dir: Path | None = None) -> Path:
 
         clean.save_pretrained(tmp_dir)
         tokenizer.padding_side = "left"
+        tokenizer.init_kwargs["padding_side"] = "left"  # saved, so the folder pads on the left
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
         tokenizer.save_pretrained(tmp_dir)
@@ -219,6 +230,7 @@ def build_demo_organism(out_dir: Path, adapter_dir: Path | None = None) -> Path:
         }
         (tmp_dir / METADATA_FILE).write_text(json.dumps(metadata, indent=2) + "\n")
         (tmp_dir / COMPLETE_MARKER).write_text(digest + "\n")
+        _make_readable(tmp_dir)
         _replace_dir(tmp_dir, out_dir)
     finally:
         if tmp_dir.exists():

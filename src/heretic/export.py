@@ -42,7 +42,9 @@ def _writable_parent(path: Path) -> Path:
     try:
         parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise ExportError(f"Cannot create output folder {parent}: {e.strerror}. Fix --output-dir.")
+        raise ExportError(
+            f"Cannot create output folder {parent}: {e.strerror}. Fix --output-dir."
+        ) from e
     if not os.access(parent, os.W_OK):
         raise ExportError(f"Output folder {parent} is not writable: fix --output-dir.")
     return parent

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from transformers import StoppingCriteria
 
 from heretic.errors import ModelLoadError
 
@@ -134,6 +135,22 @@ def editable_modules(layer: nn.Module, index: int) -> dict[str, list[nn.Module]]
     return modules
 
 
+class _StopWhenDecided(StoppingCriteria):
+    """Per-sequence stopping criterion: a sequence stops once its response is decided."""
+
+    def __init__(self, tokenizer, prompt_len: int, is_decided: Callable[[str], bool]) -> None:
+        self.tokenizer = tokenizer
+        self.prompt_len = prompt_len
+        self.is_decided = is_decided
+
+    def __call__(self, input_ids: torch.Tensor, scores, **kwargs) -> torch.Tensor:
+        texts = self.tokenizer.batch_decode(
+            input_ids[:, self.prompt_len :], skip_special_tokens=True
+        )
+        flags = [self.is_decided(t) for t in texts]
+        return torch.tensor(flags, dtype=torch.bool, device=input_ids.device)
+
+
 def _module_output(output: object) -> torch.Tensor:
     return output[0] if isinstance(output, tuple) else output  # type: ignore[return-value]
 
@@ -201,9 +218,7 @@ class Model:
 
     def encode(self, prompts: Sequence[str]) -> dict[str, torch.Tensor]:
         texts = [self.format_chat(p) for p in prompts]
-        batch = self.tokenizer(
-            texts, return_tensors="pt", padding=True, add_special_tokens=False
-        )
+        batch = self.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
         return {k: v.to(self.device) for k, v in batch.items()}
 
     # ----- batched passes ------------------------------------------------------------------
@@ -262,7 +277,7 @@ class Model:
         is_decided: Callable[[str], bool] | None = None,
     ) -> list[str]:
         """Greedy responses. A sequence for which `is_decided(text)` is true stops early."""
-        from transformers import StoppingCriteria, StoppingCriteriaList
+        from transformers import StoppingCriteriaList
 
         tokenizer = self.tokenizer
         responses: list[str] = []
@@ -271,16 +286,7 @@ class Model:
             prompt_len = batch["input_ids"].shape[1]
             criteria = StoppingCriteriaList()
             if is_decided is not None:
-
-                class _Decided(StoppingCriteria):
-                    def __call__(self, input_ids, scores, **kwargs) -> torch.Tensor:
-                        texts = tokenizer.batch_decode(
-                            input_ids[:, prompt_len:], skip_special_tokens=True
-                        )
-                        flags = [is_decided(t) for t in texts]
-                        return torch.tensor(flags, dtype=torch.bool, device=input_ids.device)
-
-                criteria.append(_Decided())
+                criteria.append(_StopWhenDecided(tokenizer, prompt_len, is_decided))
             output = self.model.generate(
                 **batch,
                 max_new_tokens=max_new_tokens,

