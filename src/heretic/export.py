@@ -4,11 +4,12 @@ half-written output (everything goes to a temporary sibling first, then is renam
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -71,24 +72,120 @@ def _replace(tmp: Path, final: Path) -> None:
         shutil.rmtree(backup) if backup.is_dir() else backup.unlink()
 
 
-def save_model_folder(model: torch.nn.Module, tokenizer, path: Path) -> None:
-    """save_pretrained (safetensors) + tokenizer into `path`, atomically."""
+@contextlib.contextmanager
+def staged_folder(path: Path) -> Iterator[Path]:
+    """Yield a temporary sibling of `path` to fill; on success it replaces `path` whole.
+
+    A crash, Ctrl-C or full disk leaves the previous `path` (if any) untouched and no
+    temporary folder behind, so an output folder is always one complete export.
+    """
     parent = _writable_parent(path)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=parent))
     try:
         tmp.chmod(_default_mode(directory=True))
-        model.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
+        yield tmp
         _replace(tmp, path)
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
         raise ExportError(
-            f"Saving the model to {path} failed ({e.strerror or e}); nothing was overwritten. "
+            f"Saving to {path} failed ({e.strerror or e}); nothing was overwritten. "
             "Free disk space or choose another --output-dir."
         ) from e
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def save_model_folder(model: torch.nn.Module, tokenizer, path: Path) -> None:
+    """save_pretrained (safetensors) + tokenizer into `path`, atomically."""
+    with staged_folder(path) as tmp:
+        write_model_files(model, tokenizer, tmp)
+
+
+def write_model_files(model: torch.nn.Module, tokenizer, folder: Path) -> None:
+    """The merged model as transformers saves it (safetensors) plus the tokenizer."""
+    model.save_pretrained(folder, safe_serialization=True)
+    tokenizer.save_pretrained(folder)
+
+
+def adapter_weights(
+    model: torch.nn.Module,
+    modules: list[dict[str, list[torch.nn.Module]]],
+    directions: torch.Tensor,
+    strengths: Mapping[str, torch.Tensor],
+) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """The edit as rank-1 LoRA weights, keyed the way PEFT saves them, and the target modules.
+
+    `W' = W - w r (r^T W)` is `W + B A` with `A = r^T W` (1 x in) and `B = -w r` (out x 1), so
+    with rank 1 and alpha 1 (scale 1) PEFT reproduces the merged model exactly. A mixture-of-
+    experts block is edited as a whole (every expert's down-projection), which PEFT's LoRA
+    cannot express for fused 3-D expert tensors: that is an error, never a silent skip.
+    """
+    names = {id(module): name for name, module in model.named_modules()}
+    tensors: dict[str, torch.Tensor] = {}
+    targets: list[str] = []
+    for layer, components in enumerate(modules):
+        r = directions[layer].float()
+        for component, module_list in components.items():
+            weight = float(strengths[component][layer])
+            if weight == 0.0:
+                continue
+            for module in module_list:
+                name = names.get(id(module))
+                if name is None or not isinstance(module, torch.nn.Linear):
+                    raise ExportError(
+                        f"Layer {layer}'s {component} edit applies to a whole "
+                        f"{type(module).__name__} block (mixture of experts), which a PEFT LoRA "
+                        "adapter cannot express: use --export model (merged safetensors)."
+                    )
+                w = module.weight.detach().float()
+                r_dev = r.to(w.device)
+                prefix = f"base_model.model.{name}"
+                tensors[f"{prefix}.lora_A.weight"] = (r_dev @ w).unsqueeze(0).cpu().contiguous()
+                tensors[f"{prefix}.lora_B.weight"] = (-weight * r_dev).unsqueeze(1).cpu()
+                targets.append(name)
+    if not targets:
+        raise ExportError(
+            "The chosen trial edits nothing (every strength is 0), so there is no adapter to "
+            "save: choose another trial."
+        )
+    return tensors, targets
+
+
+def write_adapter_files(
+    model: torch.nn.Module,
+    modules: list[dict[str, list[torch.nn.Module]]],
+    directions: torch.Tensor,
+    strengths: Mapping[str, torch.Tensor],
+    base_model: str,
+    folder: Path,
+) -> list[str]:
+    """adapter_config.json + adapter_model.safetensors in PEFT's format (PEFT itself is not
+    needed to write them, only to load them); returns the target module names."""
+    from safetensors.torch import save_file
+
+    tensors, targets = adapter_weights(model, modules, directions, strengths)
+    config = {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": base_model,
+        "r": 1,
+        "lora_alpha": 1,
+        "lora_dropout": 0.0,
+        "target_modules": targets,
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "inference_mode": True,
+        "use_rslora": False,
+        "use_dora": False,
+        "init_lora_weights": True,
+    }
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(folder / "adapter_model.safetensors"), metadata={"format": "pt"})
+    with open(folder / "adapter_config.json", "w", encoding="utf-8") as f:
+        json.dump(config, f, indent=2)
+        f.write("\n")
+    return targets
 
 
 def write_json(data: Mapping[str, Any], path: Path) -> None:

@@ -1,0 +1,358 @@
+"""After the search: what can be done with a trial (save, upload, chat, plot, search more).
+
+The interactive menu (`menu.py`) and the headless path (`--select`, `--save`,
+`--upload-repo-id`, `--private`) call the same `Finisher` methods, so a script can do exactly
+what the menu does.
+
+Saving writes, for the chosen trial:
+- `OUTPUT_DIR/model/`: the merged model (safetensors + tokenizer) and/or the edited GGUF file,
+  plus the model card `README.md`; this is the folder that is uploaded;
+- `OUTPUT_DIR/adapter/`: the edit alone as a PEFT LoRA adapter (`--export adapter`), with its
+  own card;
+- `OUTPUT_DIR/heretic_metadata.json` and `OUTPUT_DIR/pareto.png` (and `residuals.png`).
+Each folder is filled under a temporary name and renamed into place when complete.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import TextIO
+
+import torch
+from optuna.trial import FrozenTrial
+from rich.console import Console
+
+from heretic.abliteration import merge_edit, restore_weights, strengths_from_params
+from heretic.card import render_card, source_info
+from heretic.config import Settings
+from heretic.errors import ExportError
+from heretic.export import (
+    build_metadata,
+    staged_folder,
+    write_adapter_files,
+    write_json,
+    write_model_files,
+)
+from heretic.optimization import (
+    KL_ATTR,
+    REFUSALS_ATTR,
+    finished_trials,
+    params_from_trial,
+    pareto_front,
+)
+from heretic.plots import TrialPoint, pareto_plot, residual_plot
+from heretic.upload import UploadResult, upload_folder
+
+GGUF_FROM_SAFETENSORS_HINT = (
+    "GGUF output needs a GGUF input (heretic then edits that file's tensors in place). For a "
+    "safetensors model, save it with --export model and convert OUTPUT_DIR/model with "
+    "llama.cpp's convert_hf_to_gguf.py (see the README's GGUF section)."
+)
+
+
+class Finisher:
+    """Everything the menu and the headless path can do once the study has trials.
+
+    `search_more(total)` runs the study up to `total` finished trials (the CLI's search with
+    its progress bar); `prompts` and `batch_size` are used for the residual picture only.
+    """
+
+    def __init__(
+        self,
+        *,
+        settings: Settings,
+        console: Console,
+        model,
+        hooks,
+        directions: torch.Tensor,
+        evaluator,
+        study,
+        search_more: Callable[[int], None],
+        prompts: dict[str, list[str]] | None = None,
+        batch_size: int = 8,
+    ) -> None:
+        self.settings = settings
+        self.console = console
+        self.model = model
+        self.hooks = hooks
+        self.directions = directions
+        self.evaluator = evaluator
+        self.study = study
+        self.search_more = search_more
+        self.prompts = prompts or {}
+        self.batch_size = batch_size
+        self.saved_trial: int | None = None
+        self.saved_paths: list[Path] = []
+
+    # ----- the study ---------------------------------------------------------------------
+
+    @property
+    def base_refusals(self) -> int:
+        return self.evaluator.base_refusals
+
+    @property
+    def n_bad(self) -> int:
+        return len(self.evaluator.bad_prompts)
+
+    def front(self) -> list[FrozenTrial]:
+        return pareto_front(self.study)
+
+    def n_finished(self) -> int:
+        return len(finished_trials(self.study))
+
+    def run_more(self, n: int) -> None:
+        """Continue the same study with `n` more trials (same storage, same sampler seed
+        scheme as a resumed run)."""
+        if n < 1:
+            raise ExportError("Run at least 1 more trial.")
+        self.search_more(self.n_finished() + n)
+        self.plot_pareto(self.saved_trial)
+
+    # ----- pictures ----------------------------------------------------------------------
+
+    def plot_pareto(self, chosen: int | None) -> Path:
+        trials = [
+            TrialPoint(t.number, float(t.values[0]), int(t.values[1]))
+            for t in finished_trials(self.study)
+        ]
+        return pareto_plot(
+            trials,
+            [t.number for t in self.front()],
+            chosen,
+            self.base_refusals,
+            self.n_bad,
+            self.settings.output_dir / "pareto.png",
+            title=f"heretic on {Path(self.settings.model).name}: refusals vs KL divergence",
+        )
+
+    def plot_residuals(self, trial: FrozenTrial, max_prompts: int = 128) -> Path:
+        """Residuals of up to `max_prompts` good and bad direction prompts, in the layers the
+        trial edits. Extracted again here (one extra pass) so the search never keeps them."""
+        good = self.prompts.get("good_prompts", [])[:max_prompts]
+        bad = self.prompts.get("bad_prompts", [])[:max_prompts]
+        if not good or not bad:
+            raise ExportError("No direction prompts to plot residuals of.")
+        self.hooks.clear()
+        residuals = {
+            name: self.model.residuals(prompts, self.batch_size)
+            for name, prompts in (("good", good), ("bad", bad))
+        }
+        strengths = strengths_from_params(params_from_trial(trial), self.model.n_layers)
+        layers = sorted(
+            {i for s in strengths.values() for i, w in enumerate(s.tolist()) if w != 0.0}
+        )
+        return residual_plot(
+            residuals["good"],
+            residuals["bad"],
+            self.directions,
+            layers,
+            self.settings.output_dir / "residuals.png",
+        )
+
+    # ----- saving ------------------------------------------------------------------------
+
+    def formats(self) -> list[str]:
+        return self.settings.resolved_exports(gguf_input=self.model.source.gguf_file is not None)
+
+    def _gguf_source(self) -> Path:
+        source = self.model.source
+        if source.gguf_file is None:
+            raise ExportError(GGUF_FROM_SAFETENSORS_HINT)
+        local = Path(source.path) / source.gguf_file
+        if local.is_file():
+            return local
+        try:
+            from huggingface_hub import hf_hub_download
+
+            return Path(hf_hub_download(source.path, source.gguf_file))
+        except Exception as e:
+            raise ExportError(
+                f"Cannot find the input GGUF file {source.gguf_file} of {source.path} to copy "
+                f"({e}); pass the local .gguf file as --model."
+            ) from e
+
+    def metadata(self, trial: FrozenTrial) -> dict:
+        params = params_from_trial(trial)
+        metadata = build_metadata(
+            source_model=self.settings.model,
+            trial_number=trial.number,
+            best_params={
+                c: {"layer_min": p.layer_min, "layer_max": p.layer_max, "weight": p.weight}
+                for c, p in params.items()
+            },
+            kl_divergence=trial.user_attrs[KL_ATTR],
+            refusal_count=trial.user_attrs[REFUSALS_ATTR],
+            base_refusal_count=self.base_refusals,
+            n_bad_evaluation_prompts=self.n_bad,
+            n_trials=self.n_finished(),
+            seed=self.settings.seed,
+            settings=self.settings.model_dump(mode="json"),
+        )
+        metadata["n_good_evaluation_prompts"] = len(self.evaluator.good_prompts)
+        metadata["exports"] = self.formats()
+        return metadata
+
+    def save(self, trial: FrozenTrial) -> list[Path]:
+        """Write the trial in every requested format, its card, metadata and pictures."""
+        formats = self.formats()
+        if "gguf" in formats:
+            gguf_source = self._gguf_source()  # fail before writing anything
+        params = params_from_trial(trial)
+        strengths = strengths_from_params(params, self.model.n_layers)
+        metadata = self.metadata(trial)
+        source = source_info(
+            self.settings.model,
+            gguf_path=gguf_source if "gguf" in formats else None,
+            gguf_file=self.model.source.gguf_file,
+        )
+        output_dir = self.settings.output_dir
+        self.hooks.clear()
+        written: list[Path] = []
+        model_formats = [f for f in formats if f in ("model", "gguf")]
+        if model_formats:
+            folder = output_dir / "model"
+            self.console.print(
+                f"[bold]Saving[/] trial {trial.number} ({', '.join(model_formats)}) to {folder}"
+            )
+            with staged_folder(folder) as tmp:
+                if "model" in model_formats:
+                    self._write_merged(strengths, tmp)
+                if "gguf" in model_formats:
+                    self._write_gguf(gguf_source, strengths, tmp)
+                card = render_card(
+                    settings=self.settings,
+                    source=source,
+                    metadata=metadata,
+                    n_layers=self.model.n_layers,
+                    formats=model_formats,
+                )
+                (tmp / "README.md").write_text(card, encoding="utf-8")
+            written.append(folder)
+        if "adapter" in formats:
+            folder = output_dir / "adapter"
+            self.console.print(
+                f"[bold]Saving[/] trial {trial.number} as a LoRA adapter to {folder}"
+            )
+            with staged_folder(folder) as tmp:
+                write_adapter_files(
+                    self.model.model,
+                    self.model.modules,
+                    self.directions,
+                    strengths,
+                    source.hub_id or self.settings.model,
+                    tmp,
+                )
+                card = render_card(
+                    settings=self.settings,
+                    source=source,
+                    metadata=metadata,
+                    n_layers=self.model.n_layers,
+                    formats=["adapter"],
+                    adapter=True,
+                )
+                (tmp / "README.md").write_text(card, encoding="utf-8")
+            written.append(folder)
+        write_json(metadata, output_dir / "heretic_metadata.json")
+        self.saved_trial = trial.number
+        self.saved_paths = written
+        self.plot_pareto(trial.number)
+        if self.settings.plot_residuals:
+            self.console.print("Plotting residuals")
+            self.plot_residuals(trial)
+        return written
+
+    def _write_merged(self, strengths, folder: Path) -> None:
+        originals = merge_edit(
+            self.model.modules, self.directions, strengths, self.model.hidden_size
+        )
+        try:
+            write_model_files(self.model.model, self.model.tokenizer, folder)
+        finally:
+            restore_weights(self.model.modules, originals)
+
+    def _write_gguf(self, source: Path, strengths, folder: Path) -> None:
+        import gguf
+
+        from heretic.gguf_export import output_name, plan_edits, write_edited_gguf
+
+        names = {t.name for t in gguf.GGUFReader(source).tensors}
+        edits = plan_edits(names, self.directions, strengths)
+        report = write_edited_gguf(
+            source,
+            folder / output_name(source),
+            edits,
+            self.model.hidden_size,
+            self.settings.gguf_type,
+        )
+        types = sorted(set(report.edited.values()))
+        self.console.print(
+            f"  GGUF: {len(report.edited)} edited tensors ({', '.join(types) or 'none'}), "
+            f"{report.copied} copied unchanged"
+        )
+
+    # ----- upload ------------------------------------------------------------------------
+
+    def upload(self, trial: FrozenTrial, repo_id: str, private: bool) -> UploadResult:
+        """Upload the trial's saved folder (saving it first when another trial, or nothing,
+        was saved); the local output stays whatever happens."""
+        if self.saved_trial != trial.number or not self.saved_paths:
+            self.save(trial)
+        folder = self.saved_paths[0]
+        self.console.print(
+            f"[bold]Uploading[/] {folder} to {repo_id} ({'private' if private else 'public'})"
+        )
+        result = upload_folder(
+            folder,
+            repo_id,
+            private=private,
+            commit_message=f"heretic: trial {trial.number} of {Path(self.settings.model).name}",
+        )
+        self.console.print(f"[bold green]Uploaded[/] to {result.url}")
+        return result
+
+    # ----- chat --------------------------------------------------------------------------
+
+    def chat(
+        self,
+        trial: FrozenTrial,
+        read: Callable[[str], str] = input,
+        out: TextIO | None = None,
+        max_new_tokens: int = 512,
+    ) -> list[dict[str, str]]:
+        """Chat with the model as the trial edits it (hooks on, weights untouched)."""
+        from heretic.chat import chat_loop
+
+        strengths = strengths_from_params(params_from_trial(trial), self.model.n_layers)
+        self.hooks.set_strengths(strengths)
+        try:
+            return chat_loop(self.model, read=read, out=out, max_new_tokens=max_new_tokens)
+        finally:
+            self.hooks.clear()
+
+    # ----- headless ----------------------------------------------------------------------
+
+    def headless(self, trial: FrozenTrial) -> None:
+        """What the flags ask for: save (unless --no-save), then upload when a repo is given."""
+        if self.settings.upload_repo_id:
+            self.upload(trial, self.settings.upload_repo_id, self.settings.private)
+        elif self.settings.save:
+            self.save(trial)
+        else:
+            self.plot_pareto(trial.number)
+
+
+def trial_label(trial: FrozenTrial, n_bad: int) -> str:
+    params = params_from_trial(trial)
+    text = "  ".join(
+        f"{c.split('.')[0]} {p.layer_min:.2f}-{p.layer_max:.2f} w{p.weight:.2f}"
+        for c, p in params.items()
+    )
+    return (
+        f"trial {trial.number:>3}: {int(trial.values[1]):>3}/{n_bad} refusals, "
+        f"KL {trial.values[0]:.4f}  ({text})"
+    )
+
+
+def trial_choices(front: Sequence[FrozenTrial], n_bad: int) -> list[tuple[str, int]]:
+    return [(trial_label(t, n_bad), t.number) for t in front]

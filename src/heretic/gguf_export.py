@@ -1,0 +1,229 @@
+"""GGUF output: the input GGUF file with only the edited matrices replaced.
+
+A user who brings a GGUF file lives in llama.cpp / Ollama, so the natural output is a GGUF file
+they can drop in where the old one was. Converting the merged transformers model back to GGUF
+would need llama.cpp's converter and would re-quantize every tensor; instead this copies the
+input file key by key and tensor by tensor (byte-identical), and replaces only the matrices the
+edit touches: each is dequantized, edited in float32 (`W - w r (r^T W)`, the same math as the
+merge) and written as F16 or Q8_0.
+
+llama.cpp stores every weight matrix as (out, in) rows (ggml's `mul_mat` wants the input axis
+first in memory), and transformers' GGUF loader permutes only the q/k projections of llama-style
+models, never `attn_output` / `ffn_down`, so the residual axis of the tensors edited here is the
+same one the refusal directions live in (a test compares logits against the merged model).
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+
+from heretic.abliteration import edited_weight
+from heretic.errors import ExportError
+from heretic.model import ATTN, MLP
+
+EditedType = Literal["auto", "f16", "q8_0"]
+
+# GGUF tensor names (llama.cpp's convention, shared by all its transformer architectures) of the
+# matrices that write into the residual stream, per heretic component. MoE layers keep their
+# experts fused in one 3-D tensor (`*_exps`), plus an optional shared expert (`*_shexp`).
+_TENSOR_NAMES = {
+    ATTN: ("blk.{i}.attn_output.weight",),
+    MLP: (
+        "blk.{i}.ffn_down.weight",
+        "blk.{i}.ffn_down_exps.weight",
+        "blk.{i}.ffn_down_shexp.weight",
+    ),
+}
+
+
+@dataclass(frozen=True)
+class TensorEdit:
+    """Edit one GGUF tensor along the unit direction `direction` with strength `weight`."""
+
+    direction: torch.Tensor
+    weight: float
+
+
+@dataclass(frozen=True)
+class GGUFExportReport:
+    path: Path
+    edited: dict[str, str]  # tensor name -> type it was written in
+    copied: int  # tensors copied byte for byte
+
+
+def plan_edits(
+    tensor_names: set[str],
+    directions: torch.Tensor,
+    strengths: Mapping[str, torch.Tensor],
+) -> dict[str, TensorEdit]:
+    """Map the per-layer strengths to the GGUF tensors they edit.
+
+    A layer whose component has a nonzero strength but none of the expected tensors is an
+    error: silently skipping it would ship a model that is not the one that was evaluated.
+    """
+    edits: dict[str, TensorEdit] = {}
+    for component, patterns in _TENSOR_NAMES.items():
+        for layer, weight in enumerate(strengths[component].tolist()):
+            if weight == 0.0:
+                continue
+            names = [p.format(i=layer) for p in patterns if p.format(i=layer) in tensor_names]
+            if not names:
+                expected = " or ".join(p.format(i=layer) for p in patterns)
+                raise ExportError(
+                    f"The GGUF file has no {expected} tensor for layer {layer}'s {component} "
+                    "edit: this architecture's GGUF layout is not supported; use "
+                    "--export model (safetensors) instead."
+                )
+            for name in names:
+                edits[name] = TensorEdit(directions[layer].float(), float(weight))
+    return edits
+
+
+def _edited_type(original, requested: EditedType, row_length: int):
+    from gguf import GGMLQuantizationType as Q
+
+    if requested == "f16":
+        return Q.F16
+    if requested == "q8_0":
+        return Q.Q8_0 if row_length % 32 == 0 else Q.F16
+    # auto: unquantized inputs keep their float type; quantized ones get Q8_0, which is close
+    # to lossless and much smaller than F16 (F16 when rows are not whole Q8_0 blocks).
+    if original in (Q.F32, Q.F16, Q.BF16):
+        return original
+    return Q.Q8_0 if row_length % 32 == 0 else Q.F16
+
+
+def _edit_tensor(tensor, edit: TensorEdit, hidden_size: int, requested: EditedType):
+    from gguf import GGMLQuantizationType as Q
+    from gguf.quants import dequantize, quantize
+
+    values = dequantize(tensor.data, tensor.tensor_type).astype(np.float32)
+    if values.shape[-2] != hidden_size:
+        raise ExportError(
+            f"GGUF tensor {tensor.name} has shape {tuple(values.shape)}, whose output axis is not "
+            f"the hidden size {hidden_size}: cannot edit it; use --export model instead."
+        )
+    w = torch.from_numpy(values)
+    if w.dim() == 2:
+        edited = edited_weight(w, edit.direction, edit.weight)
+    else:  # fused experts (E, out, in)
+        edited = torch.stack([edited_weight(m, edit.direction, edit.weight) for m in w])
+    qtype = _edited_type(tensor.tensor_type, requested, values.shape[-1])
+    array = edited.numpy()
+    if qtype == Q.F32:
+        data = array.astype(np.float32)
+    elif qtype == Q.F16:
+        data = array.astype(np.float16)
+    else:
+        data = quantize(array, qtype)
+    return data, qtype
+
+
+def write_edited_gguf(
+    source: Path,
+    destination: Path,
+    edits: Mapping[str, TensorEdit],
+    hidden_size: int,
+    edited_type: EditedType = "auto",
+) -> GGUFExportReport:
+    """Copy `source` to `destination` with the tensors in `edits` replaced, atomically.
+
+    Metadata (every key, in order, with its original type) and every other tensor are copied
+    unchanged; the file is written next to `destination` and renamed into place when complete.
+    """
+    import gguf
+
+    try:
+        reader = gguf.GGUFReader(source)
+    except (OSError, ValueError) as e:
+        raise ExportError(f"Cannot read GGUF file {source}: {e}") from e
+    by_name = {t.name: t for t in reader.tensors}
+    missing = sorted(set(edits) - set(by_name))
+    if missing:
+        raise ExportError(f"GGUF file {source} has no tensor(s) {', '.join(missing)} to edit.")
+
+    replaced = {
+        name: _edit_tensor(by_name[name], edit, hidden_size, edited_type)
+        for name, edit in edits.items()
+    }
+    arch_field = reader.fields.get(gguf.Keys.General.ARCHITECTURE)
+    if arch_field is None:
+        raise ExportError(f"GGUF file {source} has no general.architecture key.")
+    arch = arch_field.contents()
+
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{destination.name}.", dir=destination.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        writer = gguf.GGUFWriter(tmp, arch, endianess=reader.endianess)
+        for field in reader.fields.values():
+            # GGUF.* are the header's virtual fields; the writer adds the architecture itself.
+            if field.name.startswith("GGUF.") or field.name == gguf.Keys.General.ARCHITECTURE:
+                continue
+            value_type = field.types[0]
+            sub_type = field.types[-1] if value_type == gguf.GGUFValueType.ARRAY else None
+            writer.add_key_value(field.name, field.contents(), value_type, sub_type=sub_type)
+            if field.name == gguf.Keys.General.ALIGNMENT:
+                writer.data_alignment = int(field.contents())
+        for tensor in reader.tensors:
+            if tensor.name in replaced:
+                data, qtype = replaced[tensor.name]
+                writer.add_tensor_info(tensor.name, data.shape, data.dtype, data.nbytes, qtype)
+            else:
+                writer.add_tensor_info(
+                    tensor.name,
+                    tensor.data.shape,
+                    tensor.data.dtype,
+                    tensor.data.nbytes,
+                    tensor.tensor_type,
+                )
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_ti_data_to_file()
+        for tensor in reader.tensors:
+            if tensor.name in replaced:
+                writer.write_tensor_data(replaced[tensor.name][0])
+            else:
+                writer.write_tensor_data(tensor.data, tensor_endianess=reader.endianess)
+        writer.close()
+        os.chmod(tmp, 0o666 & ~_umask())
+        os.replace(tmp, destination)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise ExportError(
+            f"Writing GGUF file {destination} failed ({e.strerror or e}); nothing was "
+            "overwritten. Free disk space or choose another --output-dir."
+        ) from e
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return GGUFExportReport(
+        path=destination,
+        edited={name: qtype.name for name, (_, qtype) in replaced.items()},
+        copied=len(reader.tensors) - len(replaced),
+    )
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def output_name(source: Path) -> str:
+    """`model.Q4_1.gguf` -> `model-heretic.Q4_1.gguf` (the quantization tag stays last, where
+    llama.cpp users and Ollama Modelfiles expect it)."""
+    stem = source.name[: -len(".gguf")] if source.name.lower().endswith(".gguf") else source.name
+    head, dot, tag = stem.rpartition(".")
+    if dot and tag and tag[0].upper() in "QFBI" and any(c.isdigit() for c in tag):
+        return f"{head}-heretic.{tag}.gguf"
+    return f"{stem}-heretic.gguf"
