@@ -28,3 +28,7 @@ class StudyError(HereticError):
 
 class ExportError(HereticError):
     """The chosen model cannot be written or uploaded."""
+
+
+class DirectionsError(HereticError):
+    """A refusal directions file cannot be read or was made for another model."""

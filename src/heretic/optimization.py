@@ -10,14 +10,24 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import optuna
 from optuna.trial import FrozenTrial, TrialState
+from pydantic import BaseModel
 
 from heretic.abliteration import ComponentParams
 from heretic.errors import StudyError
 from heretic.evaluation import Score
 from heretic.model import COMPONENTS
+from heretic.workers import (
+    DEFAULT_HEARTBEAT_INTERVAL,
+    Heartbeat,
+    claim_trial,
+    claimed_count,
+    make_storage,
+    redact,
+)
 
 KL_ATTR = "kl_divergence"
 REFUSALS_ATTR = "refusals"
@@ -54,22 +64,47 @@ def params_from_trial(trial: FrozenTrial) -> dict[str, ComponentParams]:
     }
 
 
-def open_study(storage: str, study_name: str, seed: int, n_startup_trials: int) -> optuna.Study:
-    """Create the study or load it from storage to resume.
+class TrialSeededTPESampler(optuna.samplers.TPESampler):
+    """TPE whose random state is reseeded from `seed + trial.number` before every trial.
 
-    The sampler's seed is offset by the number of trials already in the study, so a resumed run
-    does not replay the random startup samples of the first run.
+    A trial's random draws then depend on the seed, its number and the history, not on which
+    process asks: a resumed run does not replay the first run's startup samples (new numbers),
+    and several workers started at the same moment do not sample the same parameters.
+    """
+
+    def __init__(self, *, seed: int, **kwargs: Any) -> None:
+        super().__init__(seed=seed, **kwargs)
+        self._base_seed = seed
+
+    def before_trial(self, study: optuna.Study, trial: FrozenTrial) -> None:
+        seed = (self._base_seed + trial.number) % 2**32
+        for owner in (self, getattr(self, "_random_sampler", None)):
+            state = getattr(owner, "_rng", None)
+            if state is not None:
+                state.rng.seed(seed)
+        super().before_trial(study, trial)
+
+
+def open_study(
+    storage: str | optuna.storages.BaseStorage,
+    study_name: str,
+    seed: int,
+    n_startup_trials: int,
+    heartbeat_interval: int | None = DEFAULT_HEARTBEAT_INTERVAL,
+) -> optuna.Study:
+    """Create the study or load it from storage to resume (or to join other workers).
+
+    A storage URL becomes an RDB storage with heartbeats (`workers.make_storage`), so running
+    trials of dead workers can be told apart from live ones.
     """
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    try:
-        existing = optuna.load_study(study_name=study_name, storage=storage)
-        n_existing = len(existing.trials)
-    except KeyError:
-        n_existing = 0
-    except Exception as e:  # storage unreachable, bad URL, unreadable file
-        raise StudyError(f"Cannot open study storage {storage}: {e}") from e
-    sampler = optuna.samplers.TPESampler(
-        seed=seed + n_existing,
+    if isinstance(storage, str):
+        url = redact(storage)
+        storage = make_storage(storage, heartbeat_interval)
+    else:
+        url = type(storage).__name__
+    sampler = TrialSeededTPESampler(
+        seed=seed,
         n_startup_trials=n_startup_trials,
         multivariate=True,
     )
@@ -83,9 +118,75 @@ def open_study(storage: str, study_name: str, seed: int, n_startup_trials: int) 
         )
     except ValueError as e:
         raise StudyError(
-            f"Study '{study_name}' in {storage} is not a (KL, refusals) heretic study: {e}. "
+            f"Study '{study_name}' in {url} is not a (KL, refusals) heretic study: {e}. "
             "Use another --study-name or --storage."
         ) from e
+    except Exception as e:  # the database went away between connecting and creating
+        raise StudyError(f"Cannot open study '{study_name}' in {url}: {e}") from e
+
+
+FINGERPRINT_ATTR = "heretic_fingerprint"
+"""Study user attribute: the settings that define the objective, recorded by the first run."""
+FINGERPRINT_SETTINGS = (
+    "model",
+    "gguf_file",
+    "system_prompt",
+    "max_response_length",
+    "refusal_markers",
+    "direction_method",
+    "min_weight",
+    "max_weight",
+    "good_prompts",
+    "bad_prompts",
+    "good_evaluation_prompts",
+    "bad_evaluation_prompts",
+)
+"""Settings whose change makes old and new trial scores incomparable. Others (n_trials,
+batch size, select, dtype, device) can change between runs of one study."""
+
+
+def objective_fingerprint(settings: BaseModel) -> dict[str, Any]:
+    """The values of FINGERPRINT_SETTINGS, JSON-ready."""
+    dumped = settings.model_dump(mode="json")
+    return {name: dumped[name] for name in FINGERPRINT_SETTINGS if name in dumped}
+
+
+def check_fingerprint(
+    study: optuna.Study, fingerprint: dict[str, Any], force: bool = False
+) -> list[str]:
+    """Record the fingerprint in a new study; compare it with an existing study's.
+
+    Returns the differences (one readable line each). Raises `StudyError` listing them unless
+    `force`, in which case the study takes the new fingerprint (and remembers it was forced),
+    so later runs with the new settings need no `--force`.
+    """
+    stored = study.user_attrs.get(FINGERPRINT_ATTR)
+    if stored is None:
+        study.set_user_attr(FINGERPRINT_ATTR, fingerprint)
+        return []
+    differences = [
+        f"{name}: study has {stored.get(name)!r}, this run has {fingerprint.get(name)!r}"
+        for name in sorted(set(stored) | set(fingerprint))
+        if stored.get(name) != fingerprint.get(name)
+    ]
+    if not differences:
+        return []
+    if not force:
+        raise StudyError(
+            f"Study '{study.study_name}' was created with different settings, so its trials "
+            "are not comparable with this run's:\n  "
+            + "\n  ".join(differences)
+            + "\nRerun with the study's settings, use another --study-name or --output-dir, "
+            "or pass --force to continue it anyway."
+        )
+    study.set_user_attr(FINGERPRINT_ATTR, fingerprint)
+    forced = list(study.user_attrs.get("heretic_forced_changes", []))
+    study.set_user_attr("heretic_forced_changes", forced + differences)
+    return differences
+
+
+PRUNED_ATTR = "pruned"
+FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 
 
 def finished_trials(study: optuna.Study) -> list[FrozenTrial]:
@@ -99,13 +200,20 @@ def run_search(
     score: Callable[[dict[str, ComponentParams]], Score],
     on_trial: Callable[[FrozenTrial, int], None] | None = None,
 ) -> int:
-    """Run trials until the study holds `n_trials` finished ones; returns how many ran now."""
+    """Run trials until the study holds `n_trials` finished ones; returns how many ran now.
+
+    Trials other workers are running count as well (`claimed_count`), so several workers on one
+    study stop together; each may start one trial beyond n_trials when they ask at the same
+    instant. Each trial records its worker and a heartbeat, so a crash leaves it recoverable.
+    """
     ran = 0
-    while len(finished_trials(study)) < n_trials:
+    while claimed_count(study) < n_trials:
         trial = study.ask()
+        claim_trial(trial)
         params = space.suggest(trial)
         try:
-            result = score(params)
+            with Heartbeat(study, trial):
+                result = score(params)
         except BaseException:
             study.tell(trial, state=TrialState.FAIL)
             raise
