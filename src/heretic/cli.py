@@ -19,10 +19,9 @@ from rich.progress import (
     TimeElapsedColumn,
     TimeRemainingColumn,
 )
-from rich.prompt import Prompt
 from rich.table import Table
 
-from heretic.abliteration import EditHooks, merge_edit, restore_weights, strengths_from_params
+from heretic.abliteration import EditHooks, strengths_from_params
 from heretic.checks import check_prompt_count, overlap_warnings
 from heretic.config import Settings, load_settings
 from heretic.directions import (
@@ -36,7 +35,7 @@ from heretic.directions import (
 )
 from heretic.errors import HereticError
 from heretic.evaluation import Evaluator, MarkerJudge, Score
-from heretic.export import build_metadata, save_model_folder, write_json
+from heretic.finish import Finisher
 from heretic.model import Model, load_model
 from heretic.optimization import (
     KL_ATTR,
@@ -117,18 +116,6 @@ def front_table(front, base_refusals: int, n_bad: int) -> Table:
     return table
 
 
-def _ask_trial(console: Console, front, study) -> int | None:
-    choices = [str(t.number) for t in front]
-    answer = Prompt.ask(
-        "Trial to save (a number from the table, or 'none')",
-        console=console,
-        choices=[*choices, "none"],
-        default=choices[0] if choices else "none",
-        show_choices=False,
-    )
-    return None if answer == "none" else int(answer)
-
-
 def run(settings: Settings, console: Console | None = None) -> RunResult:
     """The whole pipeline, holding a shared lease on the output folder (see `workers`)."""
     console = console or Console(stderr=True)
@@ -202,7 +189,33 @@ def _run(settings: Settings, console: Console) -> RunResult:
         raise HereticError("The study has no finished trials, so there is nothing to choose.")
     console.print(front_table(front, evaluator.base_refusals, n_bad))
 
-    chosen = _choose(settings, console, front, study, evaluator.base_refusals)
+    finisher = Finisher(
+        settings=settings,
+        console=console,
+        model=model,
+        hooks=hooks,
+        directions=directions,
+        evaluator=evaluator,
+        study=study,
+        search_more=lambda total: _search(
+            settings.model_copy(update={"n_trials": total}), study, model, hooks, evaluator, console
+        ),
+        prompts=prompts,
+        batch_size=batch_size,
+    )
+    finisher.plot_pareto(None)
+    if _interactive(settings):
+        from heretic.menu import run_menu
+
+        saved = run_menu(
+            finisher,
+            show_front=lambda f: console.print(front_table(f, evaluator.base_refusals, n_bad)),
+        )
+        chosen = None if saved is None else trial_by_number(study, saved)
+    else:
+        chosen = _choose(settings, console, front, study, evaluator.base_refusals)
+        if chosen is not None:
+            finisher.headless(chosen)
     result = RunResult(
         base_refusals=evaluator.base_refusals,
         n_bad_evaluation_prompts=n_bad,
@@ -213,15 +226,14 @@ def _run(settings: Settings, console: Console) -> RunResult:
         seconds=0.0,
     )
     if chosen is not None:
-        n_finished = len(finished_trials(study))
-        _export(settings, model, hooks, directions, chosen, evaluator, n_finished, console)
         result.chosen_trial = chosen.number
         result.kl_divergence = chosen.user_attrs[KL_ATTR]
         result.refusals = chosen.user_attrs[REFUSALS_ATTR]
+        where = ", ".join(str(p) for p in finisher.saved_paths) or "not saved (--no-save)"
         console.print(
             f"[bold green]Refusals {evaluator.base_refusals}/{n_bad} -> "
             f"{result.refusals}/{n_bad}, KL divergence {result.kl_divergence:.4f}[/] "
-            f"(trial {chosen.number}); model saved to {output_dir / 'model'}"
+            f"(trial {chosen.number}); {where}"
         )
     hooks.remove()
     result.seconds = time.perf_counter() - started
@@ -372,49 +384,22 @@ def _search(settings: Settings, study, model: Model, hooks, evaluator: Evaluator
     return study
 
 
+def _interactive(settings: Settings) -> bool:
+    """The menu runs for --select ask on a terminal; anything else is headless."""
+    return settings.select == "ask" and sys.stdin.isatty() and sys.stdout.isatty()
+
+
 def _choose(settings: Settings, console: Console, front, study, base_refusals: int):
+    """The headless twin of the menu's trial choice."""
     select = settings.select
-    if select == "ask" and not sys.stdin.isatty():
+    if select == "ask":
         console.print("Not on a terminal: choosing the best trial (use --select to choose).")
         select = "best"
     if select == "none":
         return None
     if select == "best":
         return best_trial(front, base_refusals)
-    if select == "ask":
-        number = _ask_trial(console, front, study)
-        return None if number is None else trial_by_number(study, number)
     return trial_by_number(study, int(select))
-
-
-def _export(
-    settings, model: Model, hooks, directions, trial, evaluator, n_trials: int, console
-) -> None:
-    params = params_from_trial(trial)
-    strengths = strengths_from_params(params, model.n_layers)
-    hooks.clear()
-    console.print(f"[bold]Saving[/] trial {trial.number} to {settings.output_dir / 'model'}")
-    originals = merge_edit(model.modules, directions, strengths, model.hidden_size)
-    try:
-        save_model_folder(model.model, model.tokenizer, settings.output_dir / "model")
-    finally:
-        restore_weights(model.modules, originals)
-    metadata = build_metadata(
-        source_model=settings.model,
-        trial_number=trial.number,
-        best_params={
-            c: {"layer_min": p.layer_min, "layer_max": p.layer_max, "weight": p.weight}
-            for c, p in params.items()
-        },
-        kl_divergence=trial.user_attrs[KL_ATTR],
-        refusal_count=trial.user_attrs[REFUSALS_ATTR],
-        base_refusal_count=evaluator.base_refusals,
-        n_bad_evaluation_prompts=len(evaluator.bad_prompts),
-        n_trials=n_trials,
-        seed=settings.seed,
-        settings=settings.model_dump(mode="json"),
-    )
-    write_json(metadata, settings.output_dir / "heretic_metadata.json")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -28,6 +28,8 @@ from heretic.errors import SettingsError
 
 ENV_PREFIX = "HERETIC_"
 
+EXPORT_FORMATS = ("auto", "model", "adapter", "gguf")
+
 DEFAULT_REFUSAL_MARKERS = [
     "sorry",
     "i can't",
@@ -208,6 +210,32 @@ class Settings(BaseSettings):
         description="Seconds between a running trial's heartbeats; a trial silent for 4 "
         "intervals belongs to a dead worker and is retried.",
     )
+    save: bool = Field(
+        default=True,
+        description="Headless: save the selected trial to OUTPUT_DIR (--no-save: only report it). "
+        "The menu asks instead.",
+    )
+    export: str = Field(
+        default="auto",
+        description="What to save, comma-separated: 'model' (merged safetensors), 'adapter' "
+        "(PEFT LoRA, OUTPUT_DIR/adapter), 'gguf'; 'auto' = gguf for a GGUF input, else model.",
+    )
+    gguf_type: Literal["auto", "f16", "q8_0"] = Field(
+        default="auto",
+        description="Type of the edited tensors in a GGUF export ('auto': F32/F16/BF16 inputs "
+        "keep theirs, quantized inputs get Q8_0).",
+    )
+    upload_repo_id: str | None = Field(
+        default=None,
+        description="Hugging Face repository (user/name) to upload the saved model to, created if "
+        "missing; token from HF_TOKEN or `hf auth login`.",
+    )
+    private: bool = Field(default=False, description="Create the uploaded repository as private.")
+    plot_residuals: bool = Field(
+        default=False,
+        description="Also draw OUTPUT_DIR/residuals.png: good vs bad residuals in 2-D, per edited "
+        "layer.",
+    )
     good_prompts: DatasetSpecification = Field(
         default_factory=lambda: _spec("mlabonne/harmless_alpaca", "train[:400]", "text"),
         description="Harmless prompts for the refusal directions.",
@@ -233,6 +261,30 @@ class Settings(BaseSettings):
             return value
         raise ValueError("must be 'ask', 'best', 'none' or a trial number")
 
+    @field_validator("export")
+    @classmethod
+    def _check_export(cls, value: str) -> str:
+        parts = [p.strip().lower() for p in value.split(",") if p.strip()]
+        unknown = [p for p in parts if p not in EXPORT_FORMATS]
+        if unknown or not parts:
+            raise ValueError(
+                f"unknown format(s) {', '.join(unknown) or '(empty)'}: use 'auto' or a "
+                "comma-separated list of model, adapter, gguf"
+            )
+        if "auto" in parts and len(parts) > 1:
+            raise ValueError("'auto' cannot be combined with other formats")
+        return ",".join(dict.fromkeys(parts))
+
+    @field_validator("upload_repo_id")
+    @classmethod
+    def _check_repo_id(cls, value: str | None) -> str | None:
+        if value is None or not value.strip():
+            return None
+        value = value.strip()
+        if value.count("/") != 1 or value.startswith("/") or value.endswith("/"):
+            raise ValueError("must look like 'user/name' (or 'organization/name')")
+        return value
+
     @field_validator("refusal_markers")
     @classmethod
     def _normalize_markers(cls, value: list[str]) -> list[str]:
@@ -246,6 +298,13 @@ class Settings(BaseSettings):
         if self.storage:
             return self.storage
         return f"sqlite:///{(self.output_dir / 'study.db').resolve()}"
+
+    def resolved_exports(self, gguf_input: bool) -> list[str]:
+        """The formats to save: 'auto' is GGUF for a GGUF input (its user lives in llama.cpp /
+        Ollama, and a merged float copy of a big quantized model would be huge), else model."""
+        if self.export == "auto":
+            return ["gguf"] if gguf_input else ["model"]
+        return self.export.split(",")
 
     def resolved_startup_trials(self) -> int:
         if self.n_startup_trials is not None:
