@@ -23,7 +23,6 @@ there; it is read with one dictionary lookup, so it costs nothing in normal runs
 from __future__ import annotations
 
 import contextlib
-import errno
 import fcntl
 import importlib.util
 import os
@@ -469,7 +468,3 @@ def exclusive_lock(path: Path, on_wait: Callable[[], None] | None = None) -> Ite
         yield
     finally:
         os.close(fd)
-
-
-def disk_full(e: OSError) -> bool:
-    return e.errno in (errno.ENOSPC, errno.EDQUOT)
