@@ -133,7 +133,15 @@ def reproduce_args(settings: Settings, trial_number: int | None) -> list[str]:
 
 
 def reproduce_command(settings: Settings, trial_number: int | None) -> str:
-    return shlex.join(["heretic", *reproduce_args(settings, trial_number)])
+    """The shell command, one flag (with its value) per line for reading."""
+    args = reproduce_args(settings, trial_number)
+    lines: list[list[str]] = [["heretic"]]
+    for arg in args:
+        if arg.startswith("--"):
+            lines.append([arg])
+        else:
+            lines[-1].append(arg)
+    return " \\\n  ".join(shlex.join(line) for line in lines)
 
 
 def _dataset_text(spec: Any) -> str:
