@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -21,8 +22,17 @@ from rich.progress import (
 from rich.table import Table
 
 from heretic.abliteration import EditHooks, strengths_from_params
+from heretic.checks import check_prompt_count, overlap_warnings
 from heretic.config import Settings, load_settings
-from heretic.directions import refusal_directions
+from heretic.directions import (
+    DIRECTIONS_FILE,
+    check_directions_shape,
+    load_directions,
+    metadata_differences,
+    prompts_digest,
+    refusal_directions,
+    save_directions,
+)
 from heretic.errors import HereticError
 from heretic.evaluation import Evaluator, MarkerJudge, Score
 from heretic.finish import Finisher
@@ -32,7 +42,9 @@ from heretic.optimization import (
     REFUSALS_ATTR,
     SearchSpace,
     best_trial,
+    check_fingerprint,
     finished_trials,
+    objective_fingerprint,
     open_study,
     params_from_trial,
     pareto_front,
@@ -40,6 +52,14 @@ from heretic.optimization import (
     trial_by_number,
 )
 from heretic.prompts import load_prompts
+from heretic.workers import (
+    OutputDirLease,
+    exclusive_lock,
+    pause_point,
+    prepare_output_dir,
+    recover_stale_trials,
+    wait_for_other_workers,
+)
 
 PROMPT_SETS = ("good_prompts", "bad_prompts", "good_evaluation_prompts", "bad_evaluation_prompts")
 
@@ -97,7 +117,19 @@ def front_table(front, base_refusals: int, n_bad: int) -> Table:
 
 
 def run(settings: Settings, console: Console | None = None) -> RunResult:
+    """The whole pipeline, holding a shared lease on the output folder (see `workers`)."""
     console = console or Console(stderr=True)
+    prepare_output_dir(settings.output_dir)
+    with OutputDirLease(settings.output_dir) as lease:
+        if lease.cleaned:
+            console.print(
+                f"Removed what an interrupted run left in {settings.output_dir}: "
+                + ", ".join(lease.cleaned)
+            )
+        return _run(settings, console)
+
+
+def _run(settings: Settings, console: Console) -> RunResult:
     started = time.perf_counter()
     seed_everything(settings.seed)
     output_dir = settings.output_dir
@@ -105,7 +137,14 @@ def run(settings: Settings, console: Console | None = None) -> RunResult:
     console.print("[bold]Loading prompts[/]")
     prompts = {name: load_prompts(getattr(settings, name), name) for name in PROMPT_SETS}
     for name, values in prompts.items():
+        check_prompt_count(getattr(settings, name), values, name)
         console.print(f"  {name}: {len(values)} prompts")
+    for line in overlap_warnings(prompts):
+        console.print(f"[yellow]Warning:[/] {escape(line)}", highlight=False)
+
+    # Before the model loads: an unreachable storage or a study made with other settings
+    # should cost the user seconds, not the minutes of loading a large model.
+    study = _open_study(settings, console)
 
     console.print(f"[bold]Loading model[/] {settings.model}")
     model = load_model(
@@ -144,7 +183,7 @@ def run(settings: Settings, console: Console | None = None) -> RunResult:
     n_bad = len(evaluator.bad_prompts)
     console.print(f"  refusals: {evaluator.base_refusals}/{n_bad}")
 
-    study = _search(settings, model, hooks, evaluator, console)
+    study = _search(settings, study, model, hooks, evaluator, console)
     front = pareto_front(study)
     if not front:
         raise HereticError("The study has no finished trials, so there is nothing to choose.")
@@ -157,7 +196,7 @@ def run(settings: Settings, console: Console | None = None) -> RunResult:
         evaluator=evaluator,
         study=study,
         search_more=lambda total: _search(
-            settings.model_copy(update={"n_trials": total}), model, hooks, evaluator, console
+            settings.model_copy(update={"n_trials": total}), study, model, hooks, evaluator, console
         ),
         prompts=prompts,
         batch_size=batch_size,
@@ -203,6 +242,56 @@ def run(settings: Settings, console: Console | None = None) -> RunResult:
 def _directions(
     model: Model, prompts: dict, settings: Settings, batch_size: int, console: Console
 ) -> torch.Tensor:
+    """Refusal directions: from --directions, reused from the output folder, or computed.
+
+    Computed directions are saved to OUTPUT_DIR/directions.safetensors (atomically) with the
+    model, its shape, the method and a hash of the prompts; a rerun or another worker with the
+    same metadata loads them instead of extracting again. An exclusive lock on the output
+    folder makes local workers that start together compute them once: the others wait, then
+    load the file.
+    """
+    metadata = {
+        "model": settings.model,
+        "n_layers": str(model.n_layers),
+        "hidden_size": str(model.hidden_size),
+        "direction_method": settings.direction_method,
+        "prompts_sha256": prompts_digest(prompts["good_prompts"], prompts["bad_prompts"]),
+    }
+    if settings.directions is not None:
+        directions, stored = load_directions(settings.directions)
+        check_directions_shape(
+            settings.directions, directions, stored, model.n_layers, model.hidden_size
+        )
+        for line in metadata_differences(stored, metadata):
+            console.print(f"[yellow]Warning:[/] --directions {escape(line)}", highlight=False)
+        console.print(f"Using refusal directions from {settings.directions}")
+        return directions
+
+    path = settings.output_dir / DIRECTIONS_FILE
+    lock = settings.output_dir / ".directions.lock"
+    with exclusive_lock(lock, lambda: console.print("Waiting for another worker's directions")):
+        if path.exists():
+            directions, stored = load_directions(path)
+            check_directions_shape(path, directions, stored, model.n_layers, model.hidden_size)
+            differences = metadata_differences(stored, metadata)
+            if not differences:
+                console.print(f"Reusing refusal directions from {path}")
+                return directions
+            console.print(
+                escape(
+                    f"{path} was made with other settings ({'; '.join(differences)}): recomputing"
+                ),
+                highlight=False,
+            )
+        directions = _compute_directions(model, prompts, settings, batch_size, console)
+        save_directions(path, directions, metadata)
+        console.print(f"Saved refusal directions to {path}")
+        return directions
+
+
+def _compute_directions(
+    model: Model, prompts: dict, settings: Settings, batch_size: int, console: Console
+) -> torch.Tensor:
     residuals = {}
     with _progress(console) as progress:
         for name in ("good_prompts", "bad_prompts"):
@@ -210,6 +299,7 @@ def _directions(
             residuals[name] = model.residuals(
                 prompts[name], batch_size, lambda n, task=task: progress.advance(task, n)
             )
+            pause_point("extraction")
     if (
         not torch.isfinite(residuals["good_prompts"]).all()
         or not torch.isfinite(residuals["bad_prompts"]).all()
@@ -222,12 +312,34 @@ def _directions(
     )
 
 
-def _search(settings: Settings, model: Model, hooks, evaluator: Evaluator, console: Console):
-    settings.output_dir.mkdir(parents=True, exist_ok=True)
+def _open_study(settings: Settings, console: Console):
+    """Open (or create) the study, check it matches this run, and recover crashed trials."""
     storage = settings.resolved_storage()
     study = open_study(
-        storage, settings.study_name, settings.seed, settings.resolved_startup_trials()
+        storage,
+        settings.study_name,
+        settings.seed,
+        settings.resolved_startup_trials(),
+        settings.heartbeat_interval,
     )
+    forced = check_fingerprint(study, objective_fingerprint(settings), settings.force)
+    if forced:
+        console.print(
+            "[yellow]Warning:[/] --force: continuing a study created with other settings:\n  "
+            + escape("\n  ".join(forced)),
+            highlight=False,
+        )
+    for trial in recover_stale_trials(study):
+        console.print(
+            f"Trial {trial.number} was interrupted ({trial.user_attrs.get('heretic_fail_reason')})"
+            ": marked failed, its parameters will be tried again",
+            highlight=False,
+        )
+    return study
+
+
+def _search(settings: Settings, study, model: Model, hooks, evaluator: Evaluator, console: Console):
+    storage = settings.resolved_storage()
     done = len(finished_trials(study))
     remaining = max(0, settings.n_trials - done)
     if done:
@@ -237,7 +349,12 @@ def _search(settings: Settings, model: Model, hooks, evaluator: Evaluator, conso
     console.print(f"[bold]Searching[/]: {remaining} trials ({storage})")
     space = SearchSpace(settings.min_weight, settings.max_weight)
 
+    started_here = 0
+
     def score(params) -> Score:
+        nonlocal started_here
+        started_here += 1
+        pause_point("trial", started_here)
         hooks.set_strengths(strengths_from_params(params, model.n_layers))
         try:
             return evaluator.score()
@@ -260,6 +377,9 @@ def _search(settings: Settings, model: Model, hooks, evaluator: Evaluator, conso
                 )
 
         run_search(study, settings.n_trials, space, score, on_trial)
+    wait_for_other_workers(
+        study, lambda n: console.print(f"Waiting for {n} trials of other workers to finish")
+    )
     return study
 
 
@@ -287,7 +407,8 @@ def main(argv: list[str] | None = None) -> None:
         settings = load_settings(argv)
         run(settings, console)
     except HereticError as e:
-        console.print(f"[bold red]Error:[/] {e}", highlight=False)
+        # Messages quote user input such as splits ("[a:b]"): print them as text, not markup.
+        console.print(f"[bold red]Error:[/] {escape(str(e))}", highlight=False)
         sys.exit(2)
     except KeyboardInterrupt:
         console.print("Interrupted: finished trials are kept in the study; rerun to resume.")
