@@ -138,7 +138,7 @@ def test_select_best_and_unknown_trial(tiny_chat_model, prompt_files, tmp_path, 
         _quiet(),
     )
     assert result.chosen_trial in (0, 1)
-    with pytest.raises(HereticError, match="Trial 9 is not a finished trial"):
+    with pytest.raises(HereticError, match="Trial 9 is not a fully scored trial"):
         run(
             load_settings(
                 _argv(tiny_chat_model, prompt_files, out, "--n-trials", "2", "--select", "9")

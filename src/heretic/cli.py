@@ -39,6 +39,7 @@ from heretic.finish import Finisher
 from heretic.model import Model, load_model
 from heretic.optimization import (
     KL_ATTR,
+    PRUNED_ATTR,
     REFUSALS_ATTR,
     SearchSpace,
     best_trial,
@@ -196,7 +197,12 @@ def _run(settings: Settings, console: Console) -> RunResult:
         evaluator=evaluator,
         study=study,
         search_more=lambda total: _search(
-            settings.model_copy(update={"n_trials": total}), study, model, hooks, evaluator, console
+            settings.model_copy(update={"n_trials": total}),
+            study,
+            model,
+            hooks,
+            evaluator,
+            console,
         ),
         prompts=prompts,
         batch_size=batch_size,
@@ -351,13 +357,16 @@ def _search(settings: Settings, study, model: Model, hooks, evaluator: Evaluator
 
     started_here = 0
 
-    def score(params) -> Score:
+    def score(params, dominated) -> Score:
         nonlocal started_here
         started_here += 1
         pause_point("trial", started_here)
         hooks.set_strengths(strengths_from_params(params, model.n_layers))
         try:
-            return evaluator.score()
+            return evaluator.score(
+                dominated if settings.prune_dominated_trials else None,
+                settings.kl_prune_threshold or None,
+            )
         finally:
             hooks.clear()
 
@@ -365,22 +374,26 @@ def _search(settings: Settings, study, model: Model, hooks, evaluator: Evaluator
         task = progress.add_task("Trials", total=settings.n_trials, completed=done, info="")
 
         def on_trial(trial, n_finished):
-            progress.update(
-                task,
-                completed=n_finished,
-                info=f"last: {int(trial.values[1])} refusals, KL {trial.values[0]:.3f}",
-            )
+            line = describe_trial(trial)
+            progress.update(task, completed=n_finished, info=f"last: {line}")
             if not console.is_terminal or settings.verbose:
-                console.print(
-                    f"  trial {trial.number}: refusals {int(trial.values[1])}, "
-                    f"KL {trial.values[0]:.4f}"
-                )
+                console.print(f"  trial {trial.number}: {line}", highlight=False)
 
         run_search(study, settings.n_trials, space, score, on_trial)
     wait_for_other_workers(
         study, lambda n: console.print(f"Waiting for {n} trials of other workers to finish")
     )
     return study
+
+
+def describe_trial(trial) -> str:
+    """One line for a finished trial; a pruned trial shows its refusal lower bound."""
+    kl = trial.user_attrs.get(KL_ATTR, float("nan"))
+    refusals = trial.user_attrs.get(REFUSALS_ATTR, 0)
+    pruned = trial.user_attrs.get(PRUNED_ATTR)
+    if pruned:
+        return f"pruned ({pruned}): refusals >= {refusals}, KL {kl:.4f}"
+    return f"refusals {refusals}, KL {kl:.4f}"
 
 
 def _interactive(settings: Settings) -> bool:

@@ -194,21 +194,16 @@ class Settings(BaseSettings):
         "the origin), 'none' (export nothing), or a trial number.",
     )
     verbose: bool = Field(default=False, description="Print more detail (per-trial parameters).")
-    directions: Path | None = Field(
-        default=None,
-        description="Refusal directions file to use instead of computing them (default: "
-        "reuse OUTPUT_DIR/directions.safetensors when it matches the model and prompts).",
+    prune_dominated_trials: bool = Field(
+        default=True,
+        description="Stop counting a trial's refusals once the count so far already puts it "
+        "behind the Pareto front (it is recorded as pruned; front numbers are unaffected).",
     )
-    force: bool = Field(
-        default=False,
-        description="Continue a study that was created with different objective settings "
-        "(model, prompts, markers, ...) instead of refusing.",
-    )
-    heartbeat_interval: int = Field(
-        default=30,
-        ge=1,
-        description="Seconds between a running trial's heartbeats; a trial silent for 4 "
-        "intervals belongs to a dead worker and is retried.",
+    kl_prune_threshold: float = Field(
+        default=0.0,
+        ge=0.0,
+        description="Skip the refusal count of a trial whose KL divergence exceeds this "
+        "(recorded as pruned, never on the front); 0 = off.",
     )
     save: bool = Field(
         default=True,
@@ -235,6 +230,22 @@ class Settings(BaseSettings):
         default=False,
         description="Also draw OUTPUT_DIR/residuals.png: good vs bad residuals in 2-D, per edited "
         "layer.",
+    )
+    directions: Path | None = Field(
+        default=None,
+        description="Refusal directions file to use instead of computing them (default: "
+        "reuse OUTPUT_DIR/directions.safetensors when it matches the model and prompts).",
+    )
+    force: bool = Field(
+        default=False,
+        description="Continue a study that was created with different objective settings "
+        "(model, prompts, markers, ...) instead of refusing.",
+    )
+    heartbeat_interval: int = Field(
+        default=30,
+        ge=1,
+        description="Seconds between a running trial's heartbeats; a trial silent for 4 "
+        "intervals belongs to a dead worker and is retried.",
     )
     good_prompts: DatasetSpecification = Field(
         default_factory=lambda: _spec("mlabonne/harmless_alpaca", "train[:400]", "text"),

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -41,8 +41,12 @@ class MarkerJudge:
 
 @dataclass(frozen=True)
 class Score:
+    """A trial's objectives. When `pruned` is set, `refusals` is only a lower bound: counting
+    stopped because the trial could no longer reach the Pareto front (see `Evaluator.score`)."""
+
     kl_divergence: float
     refusals: int
+    pruned: str | None = None
 
 
 class Evaluator:
@@ -84,6 +88,33 @@ class Evaluator:
         logprobs = self.model.first_token_logprobs(self.good_prompts, self.batch_size)
         return kl_divergence(self.base_logprobs, logprobs)
 
-    def score(self) -> Score:
+    def score(
+        self,
+        dominated: Callable[[float, int], bool] | None = None,
+        kl_threshold: float | None = None,
+    ) -> Score:
+        """KL first (one cheap pass), then refusals batch by batch.
+
+        Multi-fidelity without changing any reported number: the refusals counted so far are a
+        lower bound of the final count, so once `dominated(kl, lower_bound)` says an existing
+        front point is at least as good on both, the trial can never reach the front and the
+        remaining batches are skipped. A trial whose KL exceeds `kl_threshold` skips the
+        refusal count altogether. Both come back as pruned, never as finished scores.
+        """
         kl = self.kl()
-        return Score(kl_divergence=kl, refusals=self.judge.count(self.responses()))
+        if kl_threshold and kl > kl_threshold:
+            return Score(kl_divergence=kl, refusals=0, pruned=f"KL above {kl_threshold}")
+        refusals = 0
+        counted = 0
+        for responses in self.model.generate_chunks(
+            self.bad_prompts, self.max_response_length, self.batch_size, self.judge.is_refusal
+        ):
+            refusals += self.judge.count(responses)
+            counted += len(responses)
+            if counted < len(self.bad_prompts) and dominated and dominated(kl, refusals):
+                return Score(
+                    kl_divergence=kl,
+                    refusals=refusals,
+                    pruned=f"dominated after {counted}/{len(self.bad_prompts)} prompts",
+                )
+        return Score(kl_divergence=kl, refusals=refusals)

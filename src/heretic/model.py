@@ -14,8 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import transformers
 from torch import nn
-from transformers import StoppingCriteria
 
 from heretic.errors import ModelLoadError
 
@@ -24,6 +24,9 @@ from heretic.errors import ModelLoadError
 ATTN = "attn.o_proj"
 MLP = "mlp.down_proj"
 COMPONENTS = (ATTN, MLP)
+
+# transformers 5 renamed generate's `past_key_values` argument to `cache`.
+_CACHE_KWARG = "cache" if int(transformers.__version__.split(".")[0]) >= 5 else "past_key_values"
 
 _DTYPES = {
     "bfloat16": torch.bfloat16,
@@ -133,22 +136,6 @@ def editable_modules(layer: nn.Module, index: int) -> dict[str, list[nn.Module]]
             f"knows how to edit (its children: {children}). This architecture is not supported."
         )
     return modules
-
-
-class _StopWhenDecided(StoppingCriteria):
-    """Per-sequence stopping criterion: a sequence stops once its response is decided."""
-
-    def __init__(self, tokenizer, prompt_len: int, is_decided: Callable[[str], bool]) -> None:
-        self.tokenizer = tokenizer
-        self.prompt_len = prompt_len
-        self.is_decided = is_decided
-
-    def __call__(self, input_ids: torch.Tensor, scores, **kwargs) -> torch.Tensor:
-        texts = self.tokenizer.batch_decode(
-            input_ids[:, self.prompt_len :], skip_special_tokens=True
-        )
-        flags = [self.is_decided(t) for t in texts]
-        return torch.tensor(flags, dtype=torch.bool, device=input_ids.device)
 
 
 def _module_output(output: object) -> torch.Tensor:
@@ -268,7 +255,6 @@ class Model:
             out.append(torch.log_softmax(logits.float(), dim=-1).cpu())
         return torch.cat(out)
 
-    @torch.inference_mode()
     def generate(
         self,
         prompts: Sequence[str],
@@ -277,28 +263,94 @@ class Model:
         is_decided: Callable[[str], bool] | None = None,
     ) -> list[str]:
         """Greedy responses. A sequence for which `is_decided(text)` is true stops early."""
-        from transformers import StoppingCriteriaList
-
-        tokenizer = self.tokenizer
         responses: list[str] = []
+        for chunk in self.generate_chunks(prompts, max_new_tokens, batch_size, is_decided):
+            responses += chunk
+        return responses
+
+    def generate_chunks(
+        self,
+        prompts: Sequence[str],
+        max_new_tokens: int,
+        batch_size: int,
+        is_decided: Callable[[str], bool] | None = None,
+        check_every: int = 8,
+    ) -> Iterator[list[str]]:
+        """Greedy responses, one list per batch, so a caller can stop after any batch.
+
+        Every `check_every` tokens, rows that have ended (EOS) or that `is_decided` settles are
+        dropped from the batch and from its KV cache, so the remaining rows run on alone: a
+        batch costs what its longest undecided response costs, not batch x longest. A kept
+        row continues from its own cache, so its tokens are the ones plain greedy decoding gives
+        (up to batch-size dependent rounding in the matrix kernels).
+        """
         for start in range(0, len(prompts), batch_size):
             batch = self.encode(prompts[start : start + batch_size])
-            prompt_len = batch["input_ids"].shape[1]
-            criteria = StoppingCriteriaList()
-            if is_decided is not None:
-                criteria.append(_StopWhenDecided(tokenizer, prompt_len, is_decided))
+            yield self._generate_batch(batch, max_new_tokens, is_decided, check_every)
+
+    @torch.inference_mode()
+    def _generate_batch(
+        self,
+        batch: dict[str, torch.Tensor],
+        max_new_tokens: int,
+        is_decided: Callable[[str], bool] | None,
+        check_every: int,
+    ) -> list[str]:
+        tokenizer = self.tokenizer
+        input_ids, mask = batch["input_ids"], batch["attention_mask"]
+        n_rows = input_ids.shape[0]
+        stop_ids = self._stop_token_ids()
+        tokens: list[list[int]] = [[] for _ in range(n_rows)]
+        active = list(range(n_rows))
+        cache = None
+        produced = 0
+        while active and produced < max_new_tokens:
+            step = min(check_every, max_new_tokens - produced)
             output = self.model.generate(
-                **batch,
-                max_new_tokens=max_new_tokens,
+                input_ids=input_ids,
+                attention_mask=mask,
+                **{_CACHE_KWARG: cache},
+                max_new_tokens=step,
                 do_sample=False,
                 temperature=None,
                 top_p=None,
                 top_k=None,
                 pad_token_id=tokenizer.pad_token_id,
-                stopping_criteria=criteria,
+                return_dict_in_generate=True,
             )
-            responses += tokenizer.batch_decode(output[:, prompt_len:], skip_special_tokens=True)
-        return responses
+            new = output.sequences[:, input_ids.shape[1] :]
+            produced += step
+            keep = []
+            for j, row in enumerate(active):
+                row_tokens = new[j].tolist()
+                ended = next((k for k, t in enumerate(row_tokens) if t in stop_ids), None)
+                if ended is not None:
+                    tokens[row] += row_tokens[:ended]
+                    continue
+                tokens[row] += row_tokens
+                if is_decided is not None and is_decided(
+                    tokenizer.decode(tokens[row], skip_special_tokens=True)
+                ):
+                    continue
+                keep.append(j)
+            if not keep or produced >= max_new_tokens or new.shape[1] < step:
+                break
+            cache = getattr(output, _CACHE_KWARG)
+            if len(keep) < len(active):
+                index = torch.tensor(keep, device=new.device)
+                cache.batch_select_indices(index)
+            grown = torch.ones(len(active), new.shape[1])
+            mask = torch.cat([mask, grown.to(mask)], dim=1)[keep]
+            input_ids = output.sequences[keep]
+            active = [active[j] for j in keep]
+        return [tokenizer.decode(t, skip_special_tokens=True) for t in tokens]
+
+    def _stop_token_ids(self) -> set[int]:
+        ids = self.model.generation_config.eos_token_id
+        ids = set(ids if isinstance(ids, list) else [ids] if ids is not None else [])
+        if self.tokenizer.eos_token_id is not None:
+            ids.add(self.tokenizer.eos_token_id)
+        return ids
 
     def find_batch_size(self, prompts: Sequence[str], max_batch_size: int) -> int:
         """The batch size with the best generation throughput that fits in memory."""

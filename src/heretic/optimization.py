@@ -190,17 +190,36 @@ FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 
 
 def finished_trials(study: optuna.Study) -> list[FrozenTrial]:
+    """Trials that count towards n_trials: scored, or pruned because they could not win."""
+    return [t for t in study.get_trials(deepcopy=False) if t.state in FINISHED]
+
+
+def completed_trials(study: optuna.Study) -> list[FrozenTrial]:
+    """Trials with full-fidelity scores (the only ones that can be on the Pareto front)."""
     return [t for t in study.get_trials(deepcopy=False) if t.state == TrialState.COMPLETE]
+
+
+def dominated_by(front: list[FrozenTrial], kl: float, refusals: int) -> bool:
+    """True when some front point is at least as good on both objectives and better on one."""
+    return any(
+        t.values[0] <= kl
+        and t.values[1] <= refusals
+        and (t.values[0] < kl or t.values[1] < refusals)
+        for t in front
+    )
 
 
 def run_search(
     study: optuna.Study,
     n_trials: int,
     space: SearchSpace,
-    score: Callable[[dict[str, ComponentParams]], Score],
+    score: Callable[[dict[str, ComponentParams], Callable[[float, int], bool]], Score],
     on_trial: Callable[[FrozenTrial, int], None] | None = None,
 ) -> int:
     """Run trials until the study holds `n_trials` finished ones; returns how many ran now.
+
+    `score(params, dominated)` gets a predicate telling whether a (KL, refusal lower bound)
+    point is already beaten by the study's Pareto front, so it can stop counting early.
 
     Trials other workers are running count as well (`claimed_count`), so several workers on one
     study stop together; each may start one trial beyond n_trials when they ask at the same
@@ -211,9 +230,10 @@ def run_search(
         trial = study.ask()
         claim_trial(trial)
         params = space.suggest(trial)
+        front = study.best_trials if completed_trials(study) else []
         try:
             with Heartbeat(study, trial):
-                result = score(params)
+                result = score(params, lambda kl, n, front=front: dominated_by(front, kl, n))
         except BaseException:
             study.tell(trial, state=TrialState.FAIL)
             raise
@@ -225,7 +245,11 @@ def run_search(
             )
         trial.set_user_attr(KL_ATTR, result.kl_divergence)
         trial.set_user_attr(REFUSALS_ATTR, result.refusals)
-        frozen = study.tell(trial, [result.kl_divergence, float(result.refusals)])
+        if result.pruned:
+            trial.set_user_attr(PRUNED_ATTR, result.pruned)
+            frozen = study.tell(trial, state=TrialState.PRUNED)
+        else:
+            frozen = study.tell(trial, [result.kl_divergence, float(result.refusals)])
         ran += 1
         if on_trial is not None:
             on_trial(frozen, len(finished_trials(study)))
@@ -246,8 +270,10 @@ def best_trial(front: list[FrozenTrial], base_refusals: int) -> FrozenTrial:
 
 
 def trial_by_number(study: optuna.Study, number: int) -> FrozenTrial:
-    for t in finished_trials(study):
+    for t in completed_trials(study):
         if t.number == number:
             return t
-    numbers = ", ".join(str(t.number) for t in finished_trials(study)) or "none"
-    raise StudyError(f"Trial {number} is not a finished trial of this study (finished: {numbers}).")
+    numbers = ", ".join(str(t.number) for t in completed_trials(study)) or "none"
+    raise StudyError(
+        f"Trial {number} is not a fully scored trial of this study (scored: {numbers})."
+    )
