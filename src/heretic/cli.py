@@ -356,26 +356,39 @@ def _search(settings: Settings, study, model: Model, hooks, evaluator: Evaluator
     space = SearchSpace(settings.min_weight, settings.max_weight)
 
     started_here = 0
-
-    def score(params, dominated) -> Score:
-        nonlocal started_here
-        started_here += 1
-        pause_point("trial", started_here)
-        hooks.set_strengths(strengths_from_params(params, model.n_layers))
-        try:
-            return evaluator.score(
-                dominated if settings.prune_dominated_trials else None,
-                settings.kl_prune_threshold or None,
-            )
-        finally:
-            hooks.clear()
+    n_eval = len(evaluator.good_prompts) + len(evaluator.bad_prompts)
 
     with _progress(console) as progress:
         task = progress.add_task("Trials", total=settings.n_trials, completed=done, info="")
+        trial_task = progress.add_task("Trial", total=n_eval, info="", visible=False)
+
+        def score(params, dominated) -> Score:
+            nonlocal started_here
+            started_here += 1
+            pause_point("trial", started_here)
+            progress.reset(trial_task, total=n_eval, visible=True)
+            hooks.set_strengths(strengths_from_params(params, model.n_layers))
+            try:
+                return evaluator.score(
+                    dominated if settings.prune_dominated_trials else None,
+                    settings.kl_prune_threshold or None,
+                    progress=lambda n: progress.advance(trial_task, n),
+                )
+            finally:
+                hooks.clear()
 
         def on_trial(trial, n_finished):
             line = describe_trial(trial)
-            progress.update(task, completed=n_finished, info=f"last: {line}")
+            front = pareto_front(study)
+            best = best_trial(front, evaluator.base_refusals) if front else None
+            best_text = (
+                f"best: trial {best.number}, {int(best.values[1])} refusals, "
+                f"KL {best.values[0]:.3f}"
+                if best
+                else "best: none yet"
+            )
+            progress.update(task, completed=n_finished, info=best_text)
+            progress.update(trial_task, visible=False)
             if not console.is_terminal or settings.verbose:
                 console.print(f"  trial {trial.number}: {line}", highlight=False)
 

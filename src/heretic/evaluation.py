@@ -92,6 +92,7 @@ class Evaluator:
         self,
         dominated: Callable[[float, int], bool] | None = None,
         kl_threshold: float | None = None,
+        progress: Callable[[int], None] | None = None,
     ) -> Score:
         """KL first (one cheap pass), then refusals batch by batch.
 
@@ -100,8 +101,11 @@ class Evaluator:
         front point is at least as good on both, the trial can never reach the front and the
         remaining batches are skipped. A trial whose KL exceeds `kl_threshold` skips the
         refusal count altogether. Both come back as pruned, never as finished scores.
+        `progress(n)` is told after each pass how many prompts it covered.
         """
         kl = self.kl()
+        if progress:
+            progress(len(self.good_prompts))
         if kl_threshold and kl > kl_threshold:
             return Score(kl_divergence=kl, refusals=0, pruned=f"KL above {kl_threshold}")
         refusals = 0
@@ -111,6 +115,8 @@ class Evaluator:
         ):
             refusals += self.judge.count(responses)
             counted += len(responses)
+            if progress:
+                progress(len(responses))
             if counted < len(self.bad_prompts) and dominated and dominated(kl, refusals):
                 return Score(
                     kl_divergence=kl,
