@@ -95,3 +95,20 @@ def test_dominated_by():
     assert not dominated_by(front, 0.05, 50)
     assert not dominated_by(front, 0.3, 2)
     assert not dominated_by([], 9.0, 99)
+
+
+def test_pruned_trials_are_not_plotted_as_scores():
+    import optuna
+
+    from heretic.finish import scored_points
+    from heretic.optimization import FINISHED
+
+    study = optuna.create_study(directions=["minimize", "minimize"])
+    done = study.ask()
+    study.tell(done, [0.1, 3.0])
+    pruned = study.ask()
+    pruned.set_user_attr("refusals", 40)
+    study.tell(pruned, state=optuna.trial.TrialState.PRUNED)
+    assert [t.state for t in study.trials] == list(FINISHED)
+    points = scored_points(study)
+    assert [(p.number, p.kl_divergence, p.refusals) for p in points] == [(0, 0.1, 3)]

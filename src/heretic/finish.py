@@ -37,6 +37,7 @@ from heretic.export import (
 from heretic.optimization import (
     KL_ATTR,
     REFUSALS_ATTR,
+    completed_trials,
     finished_trials,
     params_from_trial,
     pareto_front,
@@ -112,12 +113,8 @@ class Finisher:
     # ----- pictures ----------------------------------------------------------------------
 
     def plot_pareto(self, chosen: int | None) -> Path:
-        trials = [
-            TrialPoint(t.number, float(t.values[0]), int(t.values[1]))
-            for t in finished_trials(self.study)
-        ]
         return pareto_plot(
-            trials,
+            scored_points(self.study),
             [t.number for t in self.front()],
             chosen,
             self.base_refusals,
@@ -356,3 +353,11 @@ def trial_label(trial: FrozenTrial, n_bad: int) -> str:
 
 def trial_choices(front: Sequence[FrozenTrial], n_bad: int) -> list[tuple[str, int]]:
     return [(trial_label(t, n_bad), t.number) for t in front]
+
+
+def scored_points(study) -> list[TrialPoint]:
+    """Every fully scored trial. Pruned trials are left out: their refusal counts are only
+    lower bounds, so plotting them as points would misstate what they scored."""
+    return [
+        TrialPoint(t.number, float(t.values[0]), int(t.values[1])) for t in completed_trials(study)
+    ]
