@@ -40,47 +40,121 @@ def test_row_dropping_generation_matches_plain_greedy(tiny_chat_model):
             assert text == ref
 
 
-class _FakeModel:
-    """Canned first-token log-probs and responses, batch by batch."""
+class _FakeDecoding:
+    """Canned responses: row i's text is final after `steps[i]` steps (tokens are words)."""
 
-    def __init__(self, chunks: list[list[str]]):
-        self.chunks = chunks
-        self.batches_generated = 0
+    def __init__(self, texts: list[str], steps: list[int], log: list[int], batch: int):
+        self.texts, self.steps, self.log, self.batch = texts, steps, log, batch
+        self.n_steps = 0
+        self.produced = 0
+
+    @property
+    def done(self) -> bool:
+        return self.n_steps >= max(self.steps)
+
+    def step(self) -> list[int]:
+        self.n_steps += 1
+        self.produced += 8
+        self.log.append(self.batch)
+        return [i for i, s in enumerate(self.steps) if s == self.n_steps]
+
+    def response(self, row: int) -> str:
+        return self.texts[row] if self.n_steps >= self.steps[row] else ""
+
+    def responses(self) -> list[str]:
+        return [self.response(i) for i in range(len(self.texts))]
+
+
+class _FakeModel:
+    """Canned first-token log-probs; bad prompts are 'b<i>' and get the canned rows of i."""
+
+    def __init__(self, rows: list[tuple[str, int]]):
+        self.rows = rows
+        self.steps_log: list[int] = []
+
+    def length_order(self, prompts):
+        return list(range(len(prompts)))
 
     def first_token_logprobs(self, prompts, batch_size):
         return torch.log_softmax(torch.zeros(len(prompts), 5), dim=-1)
 
-    def generate_chunks(self, prompts, max_new_tokens, batch_size, is_decided=None):
-        for chunk in self.chunks:
-            self.batches_generated += 1
-            yield chunk
+    def decoding(self, prompts, max_new_tokens, is_decided=None, check_every=8):
+        rows = [self.rows[int(p[1:])] for p in prompts]
+        batch = int(prompts[0][1:]) // 4
+        return _FakeDecoding([t for t, _ in rows], [s for _, s in rows], self.steps_log, batch)
 
-    def generate(self, prompts, max_new_tokens, batch_size, is_decided=None):
-        return [r for chunk in self.chunks for r in chunk]
+
+def _bad(n):
+    return [f"b{i}" for i in range(n)]
 
 
 def test_dominated_trials_stop_early_and_others_are_exact():
-    chunks = [["sorry"] * 3 + ["ok"], ["ok"] * 4, ["sorry", "sorry", "ok", "ok"]]
+    # Three batches of 4; refusals are decided at step 1, answers end at step 3.
+    rows = [("sorry", 1)] * 3 + [("ok", 3)] + [("ok", 3)] * 4 + [("sorry", 1)] * 2 + [("ok", 3)] * 2
     judge = MarkerJudge(("sorry",))
-    model = _FakeModel(chunks)
-    evaluator = Evaluator(model, ["g"] * 3, ["b"] * 12, judge, 10, 4)
+    model = _FakeModel(rows)
+    evaluator = Evaluator(model, ["g"] * 3, _bad(12), judge, 24, 4)
     assert evaluator.base_refusals == 5
+    assert evaluator.base_responses == [t for t, _ in rows]
 
-    model.batches_generated = 0
+    model.steps_log.clear()
     exact = evaluator.score(dominated=lambda kl, refusals: False)
-    assert (exact.refusals, exact.pruned, model.batches_generated) == (5, None, 3)
+    assert (exact.refusals, exact.pruned) == (5, None)
+    assert model.steps_log == [0] * 3 + [1] * 3 + [2] * 3
 
-    model.batches_generated = 0
+    # Pruned as soon as a step's final responses reach the bound: step 1 of batch 0.
+    model.steps_log.clear()
     pruned = evaluator.score(dominated=lambda kl, refusals: refusals >= 3)
-    assert pruned.pruned and pruned.refusals == 3 and model.batches_generated == 1
+    assert pruned.pruned and pruned.refusals == 3 and model.steps_log == [0]
 
-    # Dominated only after the last batch: the count is complete, so it is a normal score.
-    model.batches_generated = 0
+    # The last refusals are final at step 1 of batch 2, before its answers end.
+    model.steps_log.clear()
     late = evaluator.score(dominated=lambda kl, refusals: refusals >= 5)
-    assert late.pruned is None and late.refusals == 5
+    assert late.pruned == "dominated after 10/12 responses" and model.steps_log == [0] * 3 + [
+        1
+    ] * 3 + [2]
+
+    # A bound that is reached only when every response is final: a normal, complete score.
+    rows[-1] = ("sorry", 3)
+    final = evaluator.score(dominated=lambda kl, refusals: refusals >= 6)
+    assert final.pruned is None and final.refusals == 6
 
     over = evaluator.score(kl_threshold=1e-9, dominated=None)
     assert over.pruned is None  # KL is exactly 0 here, so not above the threshold
+
+
+def test_screening_decodes_every_batch_first_and_keeps_scores_exact():
+    rows = [("ok", 3)] * 4 + [("ok", 3)] * 4 + [("sorry", 1)] * 4
+    judge = MarkerJudge(("sorry",))
+    model = _FakeModel(rows)
+    plain = Evaluator(model, ["g"], _bad(12), judge, 24, 4)
+    screened = Evaluator(model, ["g"], _bad(12), judge, 24, 4, screening_tokens=8)
+
+    model.steps_log.clear()
+    assert screened.score(dominated=lambda kl, n: False).refusals == 4
+    # One step of every batch first, then each batch to the end.
+    assert model.steps_log == [0, 1, 2, 0, 0, 1, 1]
+
+    # The refusals of the last batch are seen after 3 steps instead of 7.
+    model.steps_log.clear()
+    early = screened.score(dominated=lambda kl, n: n >= 4)
+    assert early.pruned and model.steps_log == [0, 1, 2]
+    model.steps_log.clear()
+    late = plain.score(dominated=lambda kl, n: n >= 4)
+    assert late.pruned is None and len(model.steps_log) == 7
+
+
+def test_screening_gives_the_plain_scores_on_a_real_model(tiny_chat_model):
+    model = load_model(str(tiny_chat_model), dtype="float32")
+    judge = MarkerJudge(("a", "e"))  # tiny random models babble: some rows decide early
+    plain = Evaluator(model, PROMPTS[:5], PROMPTS, judge, 20, 16)
+    screened = Evaluator(model, PROMPTS[:5], PROMPTS, judge, 20, 6, screening_tokens=8)
+    assert plain.base_responses == screened.base_responses
+    assert plain.score().refusals == screened.score(dominated=lambda kl, n: False).refusals
+    # Responses come back in prompt order, whatever order the length-sorted batches ran in.
+    reference = _plain_greedy(model, PROMPTS, 20)
+    for ref, text in zip(reference, plain.base_responses, strict=True):
+        assert ref.startswith(text)
 
 
 def test_dominated_by():

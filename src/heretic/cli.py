@@ -180,6 +180,7 @@ def _run(settings: Settings, console: Console) -> RunResult:
         judge,
         settings.max_response_length,
         batch_size,
+        screening_tokens=settings.screening_tokens if settings.prune_dominated_trials else 0,
     )
     n_bad = len(evaluator.bad_prompts)
     console.print(f"  refusals: {evaluator.base_refusals}/{n_bad}")

@@ -200,10 +200,18 @@ class Settings(BaseSettings):
         "behind the Pareto front (it is recorded as pruned; front numbers are unaffected).",
     )
     kl_prune_threshold: float = Field(
-        default=0.0,
+        default=1.0,
         ge=0.0,
         description="Skip the refusal count of a trial whose KL divergence exceeds this "
-        "(recorded as pruned, never on the front); 0 = off.",
+        "(recorded as pruned, never on the front): past about 1 the edited model's answers "
+        "to harmless prompts are mostly broken; 0 = off.",
+    )
+    screening_tokens: int = Field(
+        default=16,
+        ge=0,
+        description="Decode every bad prompt this many tokens before any runs to "
+        "max_response_length, so a trial that cannot reach the Pareto front is pruned early "
+        "(exact: front numbers are unaffected; needs prune_dominated_trials); 0 = off.",
     )
     save: bool = Field(
         default=True,

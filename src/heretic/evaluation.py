@@ -53,7 +53,8 @@ class Evaluator:
     """Scores the model as it currently is (with whatever edit is switched on).
 
     The original model's first-token log-probs and refusal count are computed once, at
-    construction, with no edit active.
+    construction, with no edit active. Prompts keep their given order in `good_prompts` and
+    `bad_prompts`; passes run them in batches of similar token length (less padding).
     """
 
     def __init__(
@@ -64,6 +65,7 @@ class Evaluator:
         judge: MarkerJudge,
         max_response_length: int,
         batch_size: int,
+        screening_tokens: int = 0,
     ) -> None:
         self.model = model
         self.good_prompts = list(good_prompts)
@@ -71,21 +73,42 @@ class Evaluator:
         self.judge = judge
         self.max_response_length = max_response_length
         self.batch_size = batch_size
-        self.base_logprobs = model.first_token_logprobs(self.good_prompts, batch_size)
+        self.screening_tokens = screening_tokens
+        self._good_sorted = [self.good_prompts[i] for i in model.length_order(self.good_prompts)]
+        self._bad_order = model.length_order(self.bad_prompts)
+        self.base_logprobs = model.first_token_logprobs(self._good_sorted, batch_size)
         self.base_responses = self.responses()
         self.base_refusals = judge.count(self.base_responses)
 
+    def _decodings(self) -> list:
+        sorted_bad = [self.bad_prompts[i] for i in self._bad_order]
+        return [
+            self.model.decoding(
+                sorted_bad[start : start + self.batch_size],
+                self.max_response_length,
+                # A response that already contains a marker is a refusal whatever follows.
+                self.judge.is_refusal,
+            )
+            for start in range(0, len(sorted_bad), self.batch_size)
+        ]
+
+    def _in_prompt_order(self, decodings: list) -> list[str]:
+        in_sorted_order = [r for d in decodings for r in d.responses()]
+        responses = [""] * len(self.bad_prompts)
+        for position, index in enumerate(self._bad_order):
+            responses[index] = in_sorted_order[position]
+        return responses
+
     def responses(self) -> list[str]:
-        # A response that already contains a marker is a refusal whatever follows: stop it.
-        return self.model.generate(
-            self.bad_prompts,
-            self.max_response_length,
-            self.batch_size,
-            is_decided=self.judge.is_refusal,
-        )
+        """The responses to the bad prompts (in their order), each stopped once decided."""
+        decodings = self._decodings()
+        for decoding in decodings:
+            while not decoding.done:
+                decoding.step()
+        return self._in_prompt_order(decodings)
 
     def kl(self) -> float:
-        logprobs = self.model.first_token_logprobs(self.good_prompts, self.batch_size)
+        logprobs = self.model.first_token_logprobs(self._good_sorted, self.batch_size)
         return kl_divergence(self.base_logprobs, logprobs)
 
     def score(
@@ -94,33 +117,46 @@ class Evaluator:
         kl_threshold: float | None = None,
         progress: Callable[[int], None] | None = None,
     ) -> Score:
-        """KL first (one cheap pass), then refusals batch by batch.
+        """KL first (one cheap pass), then refusals, pruning what cannot reach the front.
 
-        Multi-fidelity without changing any reported number: the refusals counted so far are a
-        lower bound of the final count, so once `dominated(kl, lower_bound)` says an existing
-        front point is at least as good on both, the trial can never reach the front and the
-        remaining batches are skipped. A trial whose KL exceeds `kl_threshold` skips the
-        refusal count altogether. Both come back as pruned, never as finished scores.
-        `progress(n)` is told after each pass how many prompts it covered.
+        Multi-fidelity without changing any reported number: a response that is final (ended,
+        or decided by the judge) keeps its verdict, so the refusals among final responses are
+        a lower bound of the trial's count. It is checked after every decoding step: once
+        `dominated(kl, lower_bound)` says an existing front point is at least as good on
+        both, the trial can never reach the front and decoding stops. With
+        `screening_tokens`, every batch is first decoded to that short horizon (where most
+        refusals show) before any batch runs to the full length, so a hopeless trial is found
+        after a few tokens of every prompt instead of the full length of the first batches;
+        all batches' caches are then held at once (the screened, still undecided rows only).
+        A trial whose KL exceeds `kl_threshold` skips the refusal count altogether. Pruned
+        trials come back with `pruned` set, never as finished scores. `progress(n)` is told
+        how many prompts each pass or step finished.
         """
         kl = self.kl()
         if progress:
             progress(len(self.good_prompts))
         if kl_threshold and kl > kl_threshold:
             return Score(kl_divergence=kl, refusals=0, pruned=f"KL above {kl_threshold}")
-        refusals = 0
-        counted = 0
-        for responses in self.model.generate_chunks(
-            self.bad_prompts, self.max_response_length, self.batch_size, self.judge.is_refusal
-        ):
-            refusals += self.judge.count(responses)
-            counted += len(responses)
-            if progress:
-                progress(len(responses))
-            if counted < len(self.bad_prompts) and dominated and dominated(kl, refusals):
-                return Score(
-                    kl_divergence=kl,
-                    refusals=refusals,
-                    pruned=f"dominated after {counted}/{len(self.bad_prompts)} prompts",
-                )
-        return Score(kl_divergence=kl, refusals=refusals)
+        decodings = self._decodings()
+        full = self.max_response_length
+        horizons = [full]
+        if 0 < self.screening_tokens < full:
+            horizons = [self.screening_tokens, full]
+        refusals = finished = 0
+        total = len(self.bad_prompts)
+        for horizon in horizons:
+            for decoding in decodings:
+                while not decoding.done and decoding.produced < horizon:
+                    rows = decoding.step()
+                    refusals += sum(self.judge.is_refusal(decoding.response(r)) for r in rows)
+                    finished += len(rows)
+                    if progress and rows:
+                        progress(len(rows))
+                    if finished < total and dominated and dominated(kl, refusals):
+                        return Score(
+                            kl_divergence=kl,
+                            refusals=refusals,
+                            pruned=f"dominated after {finished}/{total} responses",
+                        )
+        return Score(kl_divergence=kl, refusals=self.judge.count(self._in_prompt_order(decodings)))
+

@@ -276,74 +276,31 @@ class Model:
         is_decided: Callable[[str], bool] | None = None,
         check_every: int = 8,
     ) -> Iterator[list[str]]:
-        """Greedy responses, one list per batch, so a caller can stop after any batch.
-
-        Every `check_every` tokens, rows that have ended (EOS) or that `is_decided` settles are
-        dropped from the batch and from its KV cache, so the remaining rows run on alone: a
-        batch costs what its longest undecided response costs, not batch x longest. A kept
-        row continues from its own cache, so its tokens are the ones plain greedy decoding gives
-        (up to batch-size dependent rounding in the matrix kernels).
-        """
+        """Greedy responses, one list per batch (in prompt order), so a caller can stop early."""
         for start in range(0, len(prompts), batch_size):
-            batch = self.encode(prompts[start : start + batch_size])
-            yield self._generate_batch(batch, max_new_tokens, is_decided, check_every)
-
-    @torch.inference_mode()
-    def _generate_batch(
-        self,
-        batch: dict[str, torch.Tensor],
-        max_new_tokens: int,
-        is_decided: Callable[[str], bool] | None,
-        check_every: int,
-    ) -> list[str]:
-        tokenizer = self.tokenizer
-        input_ids, mask = batch["input_ids"], batch["attention_mask"]
-        n_rows = input_ids.shape[0]
-        stop_ids = self._stop_token_ids()
-        tokens: list[list[int]] = [[] for _ in range(n_rows)]
-        active = list(range(n_rows))
-        cache = None
-        produced = 0
-        while active and produced < max_new_tokens:
-            step = min(check_every, max_new_tokens - produced)
-            output = self.model.generate(
-                input_ids=input_ids,
-                attention_mask=mask,
-                **{_CACHE_KWARG: cache},
-                max_new_tokens=step,
-                do_sample=False,
-                temperature=None,
-                top_p=None,
-                top_k=None,
-                pad_token_id=tokenizer.pad_token_id,
-                return_dict_in_generate=True,
+            decoding = self.decoding(
+                prompts[start : start + batch_size], max_new_tokens, is_decided, check_every
             )
-            new = output.sequences[:, input_ids.shape[1] :]
-            produced += step
-            keep = []
-            for j, row in enumerate(active):
-                row_tokens = new[j].tolist()
-                ended = next((k for k, t in enumerate(row_tokens) if t in stop_ids), None)
-                if ended is not None:
-                    tokens[row] += row_tokens[:ended]
-                    continue
-                tokens[row] += row_tokens
-                if is_decided is not None and is_decided(
-                    tokenizer.decode(tokens[row], skip_special_tokens=True)
-                ):
-                    continue
-                keep.append(j)
-            if not keep or produced >= max_new_tokens or new.shape[1] < step:
-                break
-            cache = getattr(output, _CACHE_KWARG)
-            if len(keep) < len(active):
-                index = torch.tensor(keep, device=new.device)
-                cache.batch_select_indices(index)
-            grown = torch.ones(len(active), new.shape[1])
-            mask = torch.cat([mask, grown.to(mask)], dim=1)[keep]
-            input_ids = output.sequences[keep]
-            active = [active[j] for j in keep]
-        return [tokenizer.decode(t, skip_special_tokens=True) for t in tokens]
+            while not decoding.done:
+                decoding.step()
+            yield decoding.responses()
+
+    def decoding(
+        self,
+        prompts: Sequence[str],
+        max_new_tokens: int,
+        is_decided: Callable[[str], bool] | None = None,
+        check_every: int = 8,
+    ) -> Decoding:
+        """Greedy decoding of one batch, advanced `check_every` tokens per `step()`."""
+        return Decoding(self, prompts, max_new_tokens, is_decided, check_every)
+
+    def length_order(self, prompts: Sequence[str]) -> list[int]:
+        """Prompt indices sorted by token length (stable), so batches of neighbours need
+        little padding: padded positions cost as much compute as real ones."""
+        lengths = [len(self.tokenizer(self.format_chat(p), add_special_tokens=False)["input_ids"])
+                   for p in prompts]
+        return sorted(range(len(prompts)), key=lambda i: lengths[i])
 
     def _stop_token_ids(self) -> set[int]:
         ids = self.model.generation_config.eos_token_id
@@ -373,6 +330,107 @@ class Model:
             best_size, best_rate = size, max(rate, best_rate)
             size *= 2
         return best_size
+
+
+
+class Decoding:
+    """Greedy decoding of one batch that can be advanced a few tokens at a time.
+
+    Every `step()` decodes up to `check_every` tokens; then rows that have ended (EOS) or that
+    `is_decided` settles are final and leave the batch and its KV cache, so the remaining rows
+    run on alone: a batch costs what its undecided rows cost, not batch x longest. A kept row
+    continues from its own cache, so its tokens are the ones plain greedy decoding gives (up to
+    batch-size dependent rounding in the matrix kernels). Several decodings can be held at once
+    and advanced in any order (the evaluator screens all prompts on a short horizon first).
+    """
+
+    def __init__(
+        self,
+        model: Model,
+        prompts: Sequence[str],
+        max_new_tokens: int,
+        is_decided: Callable[[str], bool] | None,
+        check_every: int,
+    ) -> None:
+        self.model = model
+        self.max_new_tokens = max_new_tokens
+        self.is_decided = is_decided
+        self.check_every = max(1, check_every)
+        self.n_rows = len(prompts)
+        self.tokens: list[list[int]] = [[] for _ in prompts]
+        self.final: list[bool] = [False] * len(prompts)
+        self.produced = 0
+        self._prompts = list(prompts)
+        self._active = list(range(len(prompts)))
+        self._batch: dict[str, torch.Tensor] | None = None
+        self._cache = None
+        self._stop_ids = model._stop_token_ids()
+
+    @property
+    def done(self) -> bool:
+        return not self._active or self.produced >= self.max_new_tokens
+
+    def response(self, row: int) -> str:
+        return self.model.tokenizer.decode(self.tokens[row], skip_special_tokens=True)
+
+    def responses(self) -> list[str]:
+        return [self.response(row) for row in range(self.n_rows)]
+
+    @torch.inference_mode()
+    def step(self) -> list[int]:
+        """Decode up to `check_every` more tokens; returns the rows that became final."""
+        if self.done:
+            return []
+        if self._batch is None:
+            self._batch = self.model.encode(self._prompts)
+        input_ids, mask = self._batch["input_ids"], self._batch["attention_mask"]
+        step = min(self.check_every, self.max_new_tokens - self.produced)
+        tokenizer = self.model.tokenizer
+        output = self.model.model.generate(
+            input_ids=input_ids,
+            attention_mask=mask,
+            **{_CACHE_KWARG: self._cache},
+            max_new_tokens=step,
+            do_sample=False,
+            temperature=None,
+            top_p=None,
+            top_k=None,
+            pad_token_id=tokenizer.pad_token_id,
+            return_dict_in_generate=True,
+        )
+        new = output.sequences[:, input_ids.shape[1] :]
+        self.produced += step
+        keep, finished = [], []
+        for j, row in enumerate(self._active):
+            row_tokens = new[j].tolist()
+            ended = next((k for k, t in enumerate(row_tokens) if t in self._stop_ids), None)
+            if ended is not None:
+                self.tokens[row] += row_tokens[:ended]
+            else:
+                self.tokens[row] += row_tokens
+                if self.is_decided is None or not self.is_decided(self.response(row)):
+                    keep.append(j)
+                    continue
+            finished.append(row)
+        if new.shape[1] < step:  # generate stopped early: every row has ended
+            keep = []
+        if not keep or self.produced >= self.max_new_tokens:
+            finished += [self._active[j] for j in keep]
+            self._active, self._cache, self._batch = [], None, None
+        else:
+            cache = getattr(output, _CACHE_KWARG)
+            if len(keep) < len(self._active):
+                cache.batch_select_indices(torch.tensor(keep, device=new.device))
+            grown = torch.ones(len(self._active), new.shape[1])
+            self._batch = {
+                "input_ids": output.sequences[keep],
+                "attention_mask": torch.cat([mask, grown.to(mask)], dim=1)[keep],
+            }
+            self._cache = cache
+            self._active = [self._active[j] for j in keep]
+        for row in finished:
+            self.final[row] = True
+        return finished
 
 
 def load_model(
