@@ -21,7 +21,7 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from heretic.abliteration import EditHooks, strengths_from_params
+from heretic.abliteration import strengths_from_params
 from heretic.checks import check_prompt_count, overlap_warnings
 from heretic.config import Settings, load_settings
 from heretic.directions import (
@@ -53,6 +53,7 @@ from heretic.optimization import (
     trial_by_number,
 )
 from heretic.prompts import load_prompts
+from heretic.reset import editable_matrices, make_edit
 from heretic.workers import (
     OutputDirLease,
     exclusive_lock,
@@ -148,14 +149,7 @@ def _run(settings: Settings, console: Console) -> RunResult:
     study = _open_study(settings, console)
 
     console.print(f"[bold]Loading model[/] {settings.model}")
-    model = load_model(
-        settings.model,
-        gguf_file=settings.gguf_file,
-        dtype=settings.dtype,
-        device_map=settings.device_map,
-        trust_remote_code=settings.trust_remote_code,
-        system_prompt=settings.system_prompt,
-    )
+    model = _load(settings)
     console.print(
         f"  {type(model.model).__name__}: {model.n_layers} layers, hidden size "
         f"{model.hidden_size}, {model.model.dtype} on {model.device}"
@@ -169,7 +163,18 @@ def _run(settings: Settings, console: Console) -> RunResult:
         console.print(f"  automatic batch size: {batch_size}")
 
     directions = _directions(model, prompts, settings, batch_size, console)
-    hooks = EditHooks(model.modules, directions)
+    hooks = make_edit(
+        settings.reset_strategy,
+        model.modules,
+        directions,
+        model.hidden_size,
+        model_bytes=model.nbytes,
+        read_matrices=lambda: editable_matrices(_load(settings, device_map="cpu").modules),
+        log=lambda line: console.print(f"  {line}", highlight=False),
+    )
+    if settings.compile:
+        console.print("  compiling the model (torch.compile): the first passes are slow")
+        model.compile()
 
     console.print("[bold]Scoring the original model[/]")
     judge = MarkerJudge(tuple(settings.refusal_markers))
@@ -244,6 +249,17 @@ def _run(settings: Settings, console: Console) -> RunResult:
     hooks.remove()
     result.seconds = time.perf_counter() - started
     return result
+
+
+def _load(settings: Settings, device_map: str | None = None) -> Model:
+    return load_model(
+        settings.model,
+        gguf_file=settings.gguf_file,
+        dtype=settings.dtype,
+        device_map=device_map or settings.device_map,
+        trust_remote_code=settings.trust_remote_code,
+        system_prompt=settings.system_prompt,
+    )
 
 
 def _directions(

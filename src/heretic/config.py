@@ -15,7 +15,14 @@ import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import (
     BaseSettings,
     CliSettingsSource,
@@ -206,6 +213,17 @@ class Settings(BaseSettings):
         "(recorded as pruned, never on the front): past about 1 the edited model's answers "
         "to harmless prompts are mostly broken; 0 = off.",
     )
+    reset_strategy: Literal["adapter", "cache", "reload"] = Field(
+        default="adapter",
+        description="How a trial's edit is undone: 'adapter' (edit as forward hooks, weights "
+        "untouched, free), 'cache' (edit merged in place, editable matrices copied back from a "
+        "one-time cache), 'reload' (merged in place, matrices re-read from disk: slow).",
+    )
+    compile: bool = Field(
+        default=False,
+        description="Run the model through torch.compile during the search (pays on GPUs for "
+        "long runs; the first passes are slow while it compiles).",
+    )
     screening_tokens: int = Field(
         default=16,
         ge=0,
@@ -279,6 +297,15 @@ class Settings(BaseSettings):
         if value in ("ask", "best", "none") or value.isdigit():
             return value
         raise ValueError("must be 'ask', 'best', 'none' or a trial number")
+
+    @model_validator(mode="after")
+    def _check_compile(self) -> Settings:
+        if self.compile and self.reset_strategy == "adapter":
+            raise ValueError(
+                "--compile needs --reset-strategy cache (or reload): the adapter strategy's "
+                "hooks change with every trial, which would recompile the model each time"
+            )
+        return self
 
     @field_validator("export")
     @classmethod

@@ -179,6 +179,15 @@ class Model:
         return int(self.model.config.get_text_config().hidden_size)
 
     @property
+    def nbytes(self) -> int:
+        """Size of the model's parameters in memory."""
+        return sum(p.numel() * p.element_size() for p in self.model.parameters())
+
+    def compile(self) -> None:
+        """torch.compile the forward pass (dynamic shapes: batches and lengths vary)."""
+        self.model.forward = torch.compile(self.model.forward, dynamic=True)
+
+    @property
     def device(self) -> torch.device:
         return self.model.get_input_embeddings().weight.device
 
