@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
+from test_architectures import COMMON, CONFIGS
 
+from heretic.abliteration import EditHooks, first_edited_layer
+from heretic.directions import normalize
 from heretic.evaluation import Evaluator, MarkerJudge
-from heretic.model import load_model
+from heretic.model import ATTN, COMPONENTS, MLP, Model, ModelSource, load_model
 from heretic.optimization import dominated_by
 
 PROMPTS = [f"Write item {i} of a list about {w}." for i, w in enumerate("abcdefghijklmnop")]
@@ -75,7 +79,7 @@ class _FakeModel:
     def length_order(self, prompts):
         return list(range(len(prompts)))
 
-    def first_token_logprobs(self, prompts, batch_size):
+    def first_token_logprobs(self, prompts, batch_size, **_kwargs):
         return torch.log_softmax(torch.zeros(len(prompts), 5), dim=-1)
 
     def decoding(self, prompts, max_new_tokens, is_decided=None, check_every=8):
@@ -186,3 +190,70 @@ def test_pruned_trials_are_not_plotted_as_scores():
     assert [t.state for t in study.trials] == list(FINISHED)
     points = scored_points(study)
     assert [(p.number, p.kl_divergence, p.refusals) for p in points] == [(0, 0.1, 3)]
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_skipping_unedited_layers_gives_the_same_log_probs(name, chat_tokenizer_dir):
+    """Bit-identical KL passes whether or not the layers below the edit are replayed."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(chat_tokenizer_dir)
+    config_class, extra = CONFIGS[name]
+    torch.manual_seed(0)
+    config = config_class(
+        **{**COMMON, "vocab_size": len(tokenizer), "num_hidden_layers": 5}, **extra
+    )
+    net = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    model = Model(net, tokenizer, source=ModelSource(name, None), system_prompt="Be brief.")
+    judge = MarkerJudge(("sorry",))
+    good = PROMPTS[:7]
+    logged: list[str] = []
+    evaluator = Evaluator(
+        model, good, PROMPTS[:2], judge, 2, 3, layer_skip_bytes=2**30, log=logged.append
+    )
+    assert evaluator.layer_outputs is not None, logged
+    assert evaluator.layer_outputs.layers == [0, 1, 2, 3]  # never the last layer
+    assert "skip unedited layers" in logged[0]
+
+    g = torch.Generator().manual_seed(1)
+    hooks = EditHooks(model.modules, normalize(torch.randn(5, COMMON["hidden_size"], generator=g)))
+    for first in range(5):
+        strengths = {c: torch.zeros(5) for c in COMPONENTS}
+        strengths[ATTN][first:] = 0.9
+        strengths[MLP][min(first + 1, 4)] = 1.1
+        hooks.set_strengths(strengths)
+        assert first_edited_layer(strengths) == first
+        sorted_good = evaluator._good_sorted
+        plain = model.first_token_logprobs(sorted_good, 3)
+        skipped = model.first_token_logprobs(
+            sorted_good, 3, resume=evaluator.layer_outputs, start_layer=first
+        )
+        assert torch.equal(plain, skipped), (name, first)
+        assert evaluator.kl(first) == evaluator.kl(0) > 0
+    hooks.remove()
+    # After replays every layer runs its own forward again.
+    torch.testing.assert_close(
+        model.first_token_logprobs(evaluator._good_sorted, 3),
+        evaluator.base_logprobs,
+        rtol=0,
+        atol=0,
+    )
+
+
+def test_layer_skip_is_switched_off_when_the_replay_differs(tiny_chat_model, monkeypatch):
+    model = load_model(str(tiny_chat_model), dtype="float32")
+    real = Model.first_token_logprobs
+
+    def perturbed(self, prompts, batch_size, **kwargs):
+        out = real(self, prompts, batch_size, **kwargs)
+        return out + 1e-6 if kwargs.get("resume") is not None else out
+
+    monkeypatch.setattr(Model, "first_token_logprobs", perturbed)
+    logged: list[str] = []
+    evaluator = Evaluator(
+        model, PROMPTS[:4], PROMPTS[:2], MarkerJudge(("x",)), 2, 2,
+        layer_skip_bytes=2**30, log=logged.append,
+    )  # fmt: skip
+    assert evaluator.layer_outputs is None
+    assert logged == ["Skipping unedited layers is off: on this model it changes the log-probs"]
+    assert first_edited_layer({ATTN: torch.zeros(2), MLP: torch.zeros(2)}) == 2

@@ -62,6 +62,14 @@ def strengths_from_params(
     return {component: layer_strengths(params[component], n_layers) for component in COMPONENTS}
 
 
+def first_edited_layer(strengths: Mapping[str, torch.Tensor]) -> int:
+    """The lowest layer with a nonzero strength in any component (the layer count when none
+    has one): everything below it computes exactly what the original model computes."""
+    n_layers = max((len(v) for v in strengths.values()), default=0)
+    edited = [int(torch.nonzero(v).min()) for v in strengths.values() if bool((v != 0).any())]
+    return min(edited, default=n_layers)
+
+
 class EditHooks:
     """Forward hooks that apply the edit to module outputs; W is never touched.
 

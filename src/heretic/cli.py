@@ -21,7 +21,7 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from heretic.abliteration import strengths_from_params
+from heretic.abliteration import first_edited_layer, strengths_from_params
 from heretic.checks import check_prompt_count, overlap_warnings
 from heretic.config import Settings, load_settings
 from heretic.directions import (
@@ -186,6 +186,11 @@ def _run(settings: Settings, console: Console) -> RunResult:
         settings.max_response_length,
         batch_size,
         screening_tokens=settings.screening_tokens if settings.prune_dominated_trials else 0,
+        # torch.compile would recompile for the replayed layers: no skipping with it.
+        layer_skip_bytes=layer_skip_budget(model.nbytes)
+        if settings.skip_unedited_layers and not settings.compile
+        else 0,
+        log=lambda line: console.print(f"  {line}", highlight=False),
     )
     n_bad = len(evaluator.bad_prompts)
     console.print(f"  refusals: {evaluator.base_refusals}/{n_bad}")
@@ -249,6 +254,11 @@ def _run(settings: Settings, console: Console) -> RunResult:
     hooks.remove()
     result.seconds = time.perf_counter() - started
     return result
+
+
+def layer_skip_budget(model_bytes: int) -> int:
+    """Memory for the stored layer outputs that let KL passes skip unedited layers."""
+    return min(2 * 2**30, max(256 * 2**20, model_bytes // 20))
 
 
 def _load(settings: Settings, device_map: str | None = None) -> Model:
@@ -384,12 +394,14 @@ def _search(settings: Settings, study, model: Model, hooks, evaluator: Evaluator
             started_here += 1
             pause_point("trial", started_here)
             progress.reset(trial_task, total=n_eval, visible=True)
-            hooks.set_strengths(strengths_from_params(params, model.n_layers))
+            strengths = strengths_from_params(params, model.n_layers)
+            hooks.set_strengths(strengths)
             try:
                 return evaluator.score(
                     dominated if settings.prune_dominated_trials else None,
                     settings.kl_prune_threshold or None,
                     progress=lambda n: progress.advance(trial_task, n),
+                    first_edited_layer=first_edited_layer(strengths),
                 )
             finally:
                 hooks.clear()

@@ -219,6 +219,12 @@ class Settings(BaseSettings):
         "untouched, free), 'cache' (edit merged in place, editable matrices copied back from a "
         "one-time cache), 'reload' (merged in place, matrices re-read from disk: slow).",
     )
+    skip_unedited_layers: bool = Field(
+        default=True,
+        description="KL passes start at a trial's lowest edited layer, replaying the original "
+        "model's stored outputs of the layers below (exact: checked on the model at start; "
+        "stores at most max(256 MB, 5% of the model), capped at 2 GB).",
+    )
     compile: bool = Field(
         default=False,
         description="Run the model through torch.compile during the search (pays on GPUs for "

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from heretic.config import normalize_text
+from heretic.model import LayerOutputs
 
 
 def kl_divergence(base_logprobs: torch.Tensor, logprobs: torch.Tensor) -> float:
@@ -66,6 +67,8 @@ class Evaluator:
         max_response_length: int,
         batch_size: int,
         screening_tokens: int = 0,
+        layer_skip_bytes: int = 0,
+        log: Callable[[str], None] | None = None,
     ) -> None:
         self.model = model
         self.good_prompts = list(good_prompts)
@@ -76,7 +79,11 @@ class Evaluator:
         self.screening_tokens = screening_tokens
         self._good_sorted = [self.good_prompts[i] for i in model.length_order(self.good_prompts)]
         self._bad_order = model.length_order(self.bad_prompts)
-        self.base_logprobs = model.first_token_logprobs(self._good_sorted, batch_size)
+        self.layer_outputs = self._plan_layer_skip(layer_skip_bytes)
+        self.base_logprobs = model.first_token_logprobs(
+            self._good_sorted, batch_size, record=self.layer_outputs
+        )
+        self._check_layer_skip(log or (lambda _line: None))
         self.base_responses = self.responses()
         self.base_refusals = judge.count(self.base_responses)
 
@@ -107,8 +114,52 @@ class Evaluator:
                 decoding.step()
         return self._in_prompt_order(decodings)
 
-    def kl(self) -> float:
-        logprobs = self.model.first_token_logprobs(self._good_sorted, self.batch_size)
+    def _plan_layer_skip(self, budget_bytes: int) -> LayerOutputs | None:
+        """Checkpoint layers whose stored outputs fit in `budget_bytes`, evenly spread."""
+        if budget_bytes <= 0 or not self.good_prompts:
+            return None
+        element = torch.finfo(self.model.model.dtype).bits // 8
+        per_layer = (
+            self.model.padded_tokens(self._good_sorted, self.batch_size)
+            * self.model.hidden_size
+            * element
+        )
+        n = budget_bytes // max(per_layer, 1)
+        plan = LayerOutputs.evenly_spaced(self.model.n_layers, n)
+        return plan if plan.layers else None
+
+    def _check_layer_skip(self, log: Callable[[str], None]) -> None:
+        """Skipping must give the plain pass's numbers bit for bit on this model, or it is off.
+
+        An architecture whose layers depend on more than their input hidden state (per-layer
+        side inputs, layers that read state set by lower layers) would break the replay; one
+        unedited pass resumed from a middle checkpoint tells.
+        """
+        outputs = self.layer_outputs
+        if outputs is None:
+            return
+        middle = outputs.layers[len(outputs.layers) // 2]
+        resumed = self.model.first_token_logprobs(
+            self._good_sorted, self.batch_size, resume=outputs, start_layer=middle + 1
+        )
+        if not torch.equal(resumed, self.base_logprobs):
+            self.layer_outputs = None
+            log("Skipping unedited layers is off: on this model it changes the log-probs")
+            return
+        log(
+            f"KL passes skip unedited layers: outputs of {len(outputs.layers)} of "
+            f"{self.model.n_layers} layers kept ({outputs.nbytes / 2**20:.0f} MB)"
+        )
+
+    def kl(self, first_edited_layer: int = 0) -> float:
+        """KL divergence of the model as it is now; with `first_edited_layer`, the layers
+        below it (unchanged by the edit) are replayed from the original model's pass."""
+        logprobs = self.model.first_token_logprobs(
+            self._good_sorted,
+            self.batch_size,
+            resume=self.layer_outputs,
+            start_layer=first_edited_layer,
+        )
         return kl_divergence(self.base_logprobs, logprobs)
 
     def score(
@@ -116,6 +167,7 @@ class Evaluator:
         dominated: Callable[[float, int], bool] | None = None,
         kl_threshold: float | None = None,
         progress: Callable[[int], None] | None = None,
+        first_edited_layer: int = 0,
     ) -> Score:
         """KL first (one cheap pass), then refusals, pruning what cannot reach the front.
 
@@ -130,9 +182,10 @@ class Evaluator:
         all batches' caches are then held at once (the screened, still undecided rows only).
         A trial whose KL exceeds `kl_threshold` skips the refusal count altogether. Pruned
         trials come back with `pruned` set, never as finished scores. `progress(n)` is told
-        how many prompts each pass or step finished.
+        how many prompts each pass or step finished. `first_edited_layer` must be a layer at or
+        below the edit's lowest (0 is always right); the KL pass starts there.
         """
-        kl = self.kl()
+        kl = self.kl(first_edited_layer)
         if progress:
             progress(len(self.good_prompts))
         if kl_threshold and kl > kl_threshold:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -142,6 +142,37 @@ def _module_output(output: object) -> torch.Tensor:
     return output[0] if isinstance(output, tuple) else output  # type: ignore[return-value]
 
 
+@dataclass
+class LayerOutputs:
+    """Outputs of a few decoder layers ("checkpoints"), per batch, from one pass over fixed
+    prompts. A trial's edit changes nothing below its first edited layer, so a later pass over
+    the same batches can start from the nearest checkpoint below it instead of layer 0: the
+    same numbers, bit for bit, for less compute (the evaluator checks this on the model before
+    relying on it)."""
+
+    layers: list[int]
+    batches: list[dict[int, torch.Tensor]] = field(default_factory=list)
+    tuple_output: bool = False
+
+    @classmethod
+    def evenly_spaced(cls, n_layers: int, n_checkpoints: int) -> LayerOutputs:
+        """`n_checkpoints` layers spread over 0..n_layers-2 (the last layer is never skipped)."""
+        n = max(0, min(n_checkpoints, n_layers - 1))
+        if n == 0:
+            return cls([])
+        step = (n_layers - 1) / n
+        return cls(sorted({int(round(step * (k + 1))) - 1 for k in range(n)}))
+
+    def checkpoint_below(self, layer: int) -> int:
+        """The highest checkpoint strictly below `layer`, or -1 (start from the embeddings)."""
+        below = [i for i in self.layers if i < layer]
+        return max(below) if below else -1
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for b in self.batches for t in b.values())
+
+
 class Model:
     """A loaded chat model plus everything heretic asks of it."""
 
@@ -177,6 +208,14 @@ class Model:
     @property
     def hidden_size(self) -> int:
         return int(self.model.config.get_text_config().hidden_size)
+
+    def padded_tokens(self, prompts: Sequence[str], batch_size: int) -> int:
+        """Token positions (padding included) of the batches of a pass over `prompts`."""
+        total = 0
+        for start in range(0, len(prompts), batch_size):
+            chunk = prompts[start : start + batch_size]
+            total += len(chunk) * self.encode(chunk)["input_ids"].shape[1]
+        return total
 
     @property
     def nbytes(self) -> int:
@@ -255,14 +294,73 @@ class Model:
         return base if isinstance(base, nn.Module) and base is not self.model else self.model
 
     @torch.inference_mode()
-    def first_token_logprobs(self, prompts: Sequence[str], batch_size: int) -> torch.Tensor:
-        """Log-probabilities (float32, n_prompts x vocab) of the first response token."""
+    def first_token_logprobs(
+        self,
+        prompts: Sequence[str],
+        batch_size: int,
+        *,
+        record: LayerOutputs | None = None,
+        resume: LayerOutputs | None = None,
+        start_layer: int = 0,
+    ) -> torch.Tensor:
+        """Log-probabilities (float32, n_prompts x vocab) of the first response token.
+
+        `record` stores the outputs of its checkpoint layers for every batch of this pass;
+        `resume` (from a pass over the same prompts and batch size) skips every layer below
+        `start_layer` down to its nearest checkpoint, which replays its stored output instead.
+        """
+        skip_to = -1 if resume is None else resume.checkpoint_below(start_layer)
         out = []
-        for start in range(0, len(prompts), batch_size):
+        for index, start in enumerate(range(0, len(prompts), batch_size)):
             batch = self.encode(prompts[start : start + batch_size])
-            logits = self.model(**batch, use_cache=False, logits_to_keep=1).logits[:, -1, :]
+            with contextlib.ExitStack() as stack:
+                if record is not None:
+                    stack.enter_context(self._recording(record))
+                if skip_to >= 0:
+                    stack.enter_context(self._replaying(resume, index, skip_to))  # type: ignore[arg-type]
+                logits = self.model(**batch, use_cache=False, logits_to_keep=1).logits[:, -1, :]
             out.append(torch.log_softmax(logits.float(), dim=-1).cpu())
         return torch.cat(out)
+
+    @contextlib.contextmanager
+    def _recording(self, record: LayerOutputs) -> Iterator[None]:
+        batch_outputs: dict[int, torch.Tensor] = {}
+
+        def make_hook(i: int):
+            def hook(_module, _inputs, output):
+                record.tuple_output = isinstance(output, tuple)
+                batch_outputs[i] = _module_output(output).detach().clone()
+
+            return hook
+
+        handles = [self.layers[i].register_forward_hook(make_hook(i)) for i in record.layers]
+        try:
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
+        record.batches.append(batch_outputs)
+
+    @contextlib.contextmanager
+    def _replaying(self, resume: LayerOutputs, batch_index: int, upto: int) -> Iterator[None]:
+        """Layers 0..upto-1 pass their input through untouched (nothing reads it: the next
+        layer is skipped too); layer `upto` returns its stored output for this batch."""
+        stored = resume.batches[batch_index][upto]
+        wrap = (lambda h: (h,)) if resume.tuple_output else (lambda h: h)
+
+        def passthrough(*args, **kwargs):
+            return wrap(args[0] if args else kwargs["hidden_states"])
+
+        def replay(*_args, **_kwargs):
+            return wrap(stored)
+
+        for i in range(upto + 1):
+            self.layers[i].forward = replay if i == upto else passthrough
+        try:
+            yield
+        finally:
+            for i in range(upto + 1):
+                del self.layers[i].forward
 
     def generate(
         self,
