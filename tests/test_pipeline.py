@@ -181,3 +181,31 @@ def test_gguf_file_loads_and_saves(tmp_path):
     save_model_folder(model.model, model.tokenizer, tmp_path / "saved")
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "saved")
     assert reloaded.config.num_hidden_layers == 30
+
+
+@pytest.mark.parametrize("strategy", ["cache", "reload"])
+def test_in_place_reset_strategies_score_like_the_adapter(
+    tiny_chat_model, prompt_files, tmp_path, monkeypatch, strategy
+):
+    """Same trials, same numbers (up to the merged weights' rounding), model left pristine."""
+    monkeypatch.chdir(tmp_path)
+    values = {}
+    for name in ("adapter", strategy):
+        out = tmp_path / name
+        argv = _argv(tiny_chat_model, prompt_files, out, "--n-trials", "3", "--select", "none")
+        argv += ["--reset-strategy", name, "--dtype", "float32", "--no-prune-dominated-trials"]
+        run(load_settings(argv), _quiet())
+        study = optuna.load_study(study_name="heretic", storage=f"sqlite:///{out}/study.db")
+        values[name] = [t.values for t in study.trials]
+    for adapter, in_place in zip(values["adapter"], values[strategy], strict=True):
+        assert in_place[1] == adapter[1]
+        assert in_place[0] == pytest.approx(adapter[0], rel=1e-3, abs=1e-6)
+
+
+def test_compile_needs_an_in_place_reset_strategy(tmp_path, monkeypatch):
+    from heretic.errors import SettingsError
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SettingsError, match="--compile needs --reset-strategy cache"):
+        load_settings(["--model", "m", "--compile"])
+    assert load_settings(["--model", "m", "--compile", "--reset-strategy", "cache"]).compile
