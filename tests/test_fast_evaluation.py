@@ -257,3 +257,28 @@ def test_layer_skip_is_switched_off_when_the_replay_differs(tiny_chat_model, mon
     assert evaluator.layer_outputs is None
     assert logged == ["Skipping unedited layers is off: on this model it changes the log-probs"]
     assert first_edited_layer({ATTN: torch.zeros(2), MLP: torch.zeros(2)}) == 2
+
+
+def test_pooling_the_undecided_rows_keeps_their_responses(tiny_chat_model):
+    """Survivors of four batches continue as fewer, larger batches with the same tokens."""
+    from heretic.model import regroup
+
+    model = load_model(str(tiny_chat_model), dtype="float32")
+    prompts = PROMPTS + [p + " Be very detailed about it, please." for p in PROMPTS[:4]]
+    reference = _plain_greedy(model, prompts, 24)
+    decided = lambda text: len(text) > 0 and (hash(text[:3]) % 3 == 0)  # noqa: E731
+    decodings = [model.decoding(prompts[k : k + 5], 24, decided) for k in range(0, 20, 5)]
+    for d in decodings:
+        d.step()  # 8 tokens: the screening horizon
+    alive = sum(len(d._active) for d in decodings)
+    pooled = regroup(decodings, batch_size=10)
+    assert len(pooled) == -(-alive // 10) < len(decodings)
+    assert all(d.done for d in decodings)  # the old batches hand their rows over
+    for d in pooled:
+        while not d.done:
+            d.step()
+    got = [r for d in decodings for r in d.responses()]
+    for ref, text in zip(reference, got, strict=True):
+        assert ref.startswith(text)
+        if not decided(text):
+            assert text == ref

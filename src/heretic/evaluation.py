@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from heretic.config import normalize_text
-from heretic.model import LayerOutputs
+from heretic.model import LayerOutputs, regroup
 
 
 def kl_divergence(base_logprobs: torch.Tensor, logprobs: torch.Tensor) -> float:
@@ -190,14 +190,17 @@ class Evaluator:
             progress(len(self.good_prompts))
         if kl_threshold and kl > kl_threshold:
             return Score(kl_divergence=kl, refusals=0, pruned=f"KL above {kl_threshold}")
-        decodings = self._decodings()
+        decodings = screened = self._decodings()
         full = self.max_response_length
         horizons = [full]
         if 0 < self.screening_tokens < full:
             horizons = [self.screening_tokens, full]
         refusals = finished = 0
         total = len(self.bad_prompts)
-        for horizon in horizons:
+        for phase, horizon in enumerate(horizons):
+            if phase > 0:
+                # The survivors of the screening continue in as few batches as possible.
+                decodings = regroup(decodings, self.batch_size)
             for decoding in decodings:
                 while not decoding.done and decoding.produced < horizon:
                     rows = decoding.step()
@@ -211,5 +214,5 @@ class Evaluator:
                             refusals=refusals,
                             pruned=f"dominated after {finished}/{total} responses",
                         )
-        return Score(kl_divergence=kl, refusals=self.judge.count(self._in_prompt_order(decodings)))
+        return Score(kl_divergence=kl, refusals=self.judge.count(self._in_prompt_order(screened)))
 

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 import transformers
 from torch import nn
+from transformers.cache_utils import DynamicLayer
 
 from heretic.errors import ModelLoadError
 
@@ -477,6 +478,63 @@ class Decoding:
     def done(self) -> bool:
         return not self._active or self.produced >= self.max_new_tokens
 
+    def _mergeable(self) -> bool:
+        cache = self._cache
+        layers = getattr(cache, "layers", None)
+        return (
+            self._batch is not None
+            and bool(layers)
+            and all(type(layer) is DynamicLayer and layer.is_initialized for layer in layers)
+        )
+
+    @classmethod
+    def _pooled(cls, rows: list[tuple[Decoding, int]]) -> Decoding:
+        """One decoding of the given (decoding, active index) rows; see `regroup`."""
+        first = rows[0][0]
+        pooled = cls.__new__(cls)
+        pooled.model = first.model
+        pooled.max_new_tokens = first.max_new_tokens
+        pooled.is_decided = first.is_decided
+        pooled.check_every = first.check_every
+        pooled.produced = first.produced
+        pooled._stop_ids = first._stop_ids
+        pooled._prompts = []
+        pooled.n_rows = len(rows)
+        pooled.tokens = [d.tokens[d._active[j]] for d, j in rows]  # shared lists
+        pooled.final = [False] * len(rows)
+        pooled._active = list(range(len(rows)))
+        width = max(d._batch["input_ids"].shape[1] for d, _ in rows)
+        pad_id = first.model.tokenizer.pad_token_id
+
+        def left_pad(t: torch.Tensor, amount: int, value: float, dim: int) -> torch.Tensor:
+            if amount == 0:
+                return t
+            shape = list(t.shape)
+            shape[dim] = amount
+            return torch.cat([t.new_full(shape, value), t], dim=dim)
+
+        ids, masks = [], []
+        keys: list[list[torch.Tensor]] = []
+        values: list[list[torch.Tensor]] = []
+        for d, j in rows:
+            seq = d._batch["input_ids"][j : j + 1]
+            pad = width - seq.shape[1]
+            ids.append(left_pad(seq, pad, pad_id, 1))
+            masks.append(left_pad(d._batch["attention_mask"][j : j + 1], pad, 0, 1))
+            for index, layer in enumerate(d._cache.layers):
+                if len(keys) <= index:
+                    keys.append([])
+                    values.append([])
+                keys[index].append(left_pad(layer.keys[j : j + 1], pad, 0.0, 2))
+                values[index].append(left_pad(layer.values[j : j + 1], pad, 0.0, 2))
+        pooled._batch = {"input_ids": torch.cat(ids), "attention_mask": torch.cat(masks)}
+        cache = first._cache
+        for index, layer in enumerate(cache.layers):
+            layer.keys = torch.cat(keys[index])
+            layer.values = torch.cat(values[index])
+        pooled._cache = cache
+        return pooled
+
     def response(self, row: int) -> str:
         return self.model.tokenizer.decode(self.tokens[row], skip_special_tokens=True)
 
@@ -538,6 +596,37 @@ class Decoding:
         for row in finished:
             self.final[row] = True
         return finished
+
+
+def regroup(decodings: Sequence[Decoding], batch_size: int) -> list[Decoding]:
+    """Pool the undecided rows of several decodings into as few batches as `batch_size` allows.
+
+    After screening, most rows of a batch are often decided, and a step of a batch of three
+    rows costs nearly what a step of thirty costs (the weights are read either way): pooling
+    the survivors of every batch cuts the steps of the full horizon. Each pooled row keeps its
+    own tokens, mask and KV cache (left-padded to the longest sequence, masked), so it decodes
+    what it would have decoded in its old batch, up to the same batch-shape rounding of the
+    matrix kernels as any change of batch size. The rows' token lists are shared with the
+    old decodings, which become done, so their `responses()` stay complete.
+
+    Decodings that cannot be pooled (caches other than plain dynamic layers, such as sliding
+    windows; rows at different positions) come back unchanged.
+    """
+    live = [d for d in decodings if not d.done]
+    if len(live) < 2 or any(not isinstance(d, Decoding) or not d._mergeable() for d in live):
+        return list(live)
+    if len({d.produced for d in live}) != 1:
+        return list(live)
+    rows = [(d, j) for d in live for j in range(len(d._active))]
+    n_groups = -(-len(rows) // batch_size)
+    if n_groups >= len(live):
+        return list(live)
+    size = -(-len(rows) // n_groups)
+    groups = [rows[k : k + size] for k in range(0, len(rows), size)]
+    pooled = [Decoding._pooled(group) for group in groups]
+    for d in live:
+        d._active, d._cache, d._batch = [], None, None
+    return pooled
 
 
 def load_model(
