@@ -7,7 +7,8 @@ harmless_val[:100]; refusals on advbench_rest[270:370]) and scores three edits t
 typically meets: none (the original model: mostly refusals), a weak one (still mostly
 refusals) and a strong one (mostly answers, so most rows run the full horizon). For each it
 prints the seconds of the KL pass with and without skipping unedited layers, of the screening
-and full-horizon decoding phases, and the rows still decoding after screening; then the time of
+and full-horizon decoding phases (the survivors pooled into as few batches as the batch size
+allows), and the rows still decoding after screening; then the time of
 plain transformers greedy generation of every prompt to the full length (what a trial costs
 without row dropping, screening or pruning), so the bound on a front trial's cost is visible.
 """
@@ -31,7 +32,7 @@ from heretic.cli import layer_skip_budget
 from heretic.config import DEFAULT_REFUSAL_MARKERS
 from heretic.directions import mean_difference
 from heretic.evaluation import Evaluator, MarkerJudge
-from heretic.model import ATTN, MLP, load_model
+from heretic.model import ATTN, MLP, load_model, regroup
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
@@ -103,11 +104,12 @@ def main() -> None:
         screening = time.perf_counter() - screen_start
         undecided = sum(len(d._active) for d in decodings)
         full_start = time.perf_counter()
+        screened, decodings = decodings, regroup(decodings, bs)
         for d in decodings:
             while not d.done:
                 d.step()
         full = time.perf_counter() - full_start
-        refusals = judge.count(evaluator._in_prompt_order(decodings))
+        refusals = judge.count(evaluator._in_prompt_order(screened))
         rows.append((name, kl_full, kl_skip, screening, undecided, full, refusals))
 
     print()

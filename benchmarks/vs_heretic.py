@@ -115,24 +115,51 @@ def our_trials(output_dir: Path):
     return optuna.load_study(study_name="heretic", storage=storage).trials
 
 
-def reset_seconds(model_path: str) -> float:
-    """Time to switch one trial's edit off and the next one's on (the adapter strategy)."""
+def reset_seconds(model_path: str) -> dict[str, float]:
+    """Seconds to undo one trial's edit and switch on the next, per reset strategy."""
     import torch
 
-    from heretic.abliteration import EditHooks
     from heretic.model import COMPONENTS, load_model
+    from heretic.reset import make_edit
 
     model = load_model(model_path)
     directions = torch.nn.functional.normalize(
         torch.randn(model.n_layers, model.hidden_size), dim=-1
     )
-    hooks = EditHooks(model.modules, directions)
     strengths = {c: torch.rand(model.n_layers) for c in COMPONENTS}
-    start = time.perf_counter()
-    for _ in range(100):
-        hooks.clear()
-        hooks.set_strengths(strengths)
-    return (time.perf_counter() - start) / 100
+    seconds = {}
+    for strategy, repeats in (("adapter", 100), ("cache", 5)):
+        edit = make_edit(
+            strategy, model.modules, directions, model.hidden_size, log=lambda _line: None
+        )
+        edit.set_strengths(strengths)
+        start = time.perf_counter()
+        for _ in range(repeats):
+            edit.clear()
+            edit.set_strengths(strengths)
+        seconds[strategy] = (time.perf_counter() - start) / repeats
+        edit.remove()
+    return seconds
+
+
+def model_gb(model_path: str) -> float:
+    """Size of the model's safetensors files."""
+    return sum(p.stat().st_size for p in Path(model_path).glob("*.safetensors")) / 1024**3
+
+
+def plain_inference_rss(model_path: str, prompts, workdir: Path) -> float:
+    """Peak RSS (GB) of a process that only loads the model and generates for one batch:
+    the weights plus activations, which heretic's own peak is compared with."""
+    path, _ = prompts["bad_evaluation_prompts"]
+    code = (
+        "import sys; from heretic.model import load_model; "
+        "m = load_model(sys.argv[1], system_prompt='You are a helpful assistant.'); "
+        "p = open(sys.argv[2]).read().splitlines()[270:302]; m.generate(p, 100, 32)"
+    )
+    _, rss = run_measured(
+        [sys.executable, "-c", code, model_path, str(path)], workdir, workdir / "plain.log"
+    )
+    return rss
 
 
 def main() -> None:
@@ -191,7 +218,13 @@ def main() -> None:
     print()
     print(f"per-trial speed ratio (median): {up_median / our_median:.2f}x")
     print(f"per-trial speed ratio (mean):   {statistics.mean(up) / statistics.mean(ours):.2f}x")
-    print(f"our reset per trial: {reset * 1e3:.3f} ms ({reset / our_median:.5%} of a median trial)")
+    for strategy, seconds in reset.items():
+        print(f"reset + next edit ({strategy} strategy): {seconds * 1e3:.3f} ms "
+              f"({seconds / our_median:.4%} of a median trial)")  # fmt: skip
+    plain_rss = plain_inference_rss(model, prompts, args.workdir)
+    print(f"model weights {model_gb(model):.2f} GB; peak RSS of plain inference (load, then "
+          f"100-token greedy generation, batch 32) {plain_rss:.2f} GB; ours / plain: "
+          f"{our_rss / plain_rss:.2f}")  # fmt: skip
 
 
 if __name__ == "__main__":
