@@ -8,7 +8,8 @@ harmless_train[:400]; scoring: advbench_rest[270:370] and harmless_val[:100], fr
 ../shared/data), and runs both headless with the same system prompt, max response length 100,
 batch size 32, seed, trial count and refusal markers (upstream's defaults, read from its own
 installed package). Per-trial seconds come from each study's trial start/end times (upstream's
-Optuna journal, our SQLite study); peak memory is each process's max RSS. Prints a table.
+Optuna journal, our SQLite study); peak memory is each process's max RSS, CPU seconds its
+user + system time. Prints a table.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import statistics
 import subprocess
 import sys
 import time
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -76,15 +78,33 @@ def toml_config(model: str, n_trials: int, markers: list[str], prompts, extra: d
     return "\n".join(lines) + "\n"
 
 
-def run_measured(cmd: list[str], cwd: Path, log: Path) -> tuple[float, float]:
-    """Wall seconds and peak RSS (GB) of one child process."""
+@dataclass
+class Measured:
+    wall: float
+    """Seconds of wall time."""
+    rss: float
+    """Peak resident memory, GB."""
+    cpu: float
+    """CPU seconds (user + system): less sensitive than wall time to other jobs sharing the
+    machine, so both are printed."""
+
+
+def run_process(cmd: list[str], cwd: Path, log: Path) -> Measured:
+    """Run one child process to the end, measuring it."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     start = time.perf_counter()
     with open(log, "w") as out:
         proc = subprocess.Popen(cmd, cwd=cwd, stdout=out, stderr=subprocess.STDOUT,
                                 stdin=subprocess.DEVNULL, env=env)  # fmt: skip
         _, _, usage = os.wait4(proc.pid, 0)
-    return time.perf_counter() - start, usage.ru_maxrss / 1024**2
+    wall = time.perf_counter() - start
+    return Measured(wall, usage.ru_maxrss / 1024**2, usage.ru_utime + usage.ru_stime)
+
+
+def run_measured(cmd: list[str], cwd: Path, log: Path) -> tuple[float, float]:
+    """Wall seconds and peak RSS (GB) of one child process."""
+    measured = run_process(cmd, cwd, log)
+    return measured.wall, measured.rss
 
 
 def trial_seconds(trials) -> list[float]:
@@ -183,12 +203,9 @@ def main() -> None:
         up_dir.mkdir()
         (up_dir / "config.toml").write_text(toml_config(model, args.n_trials, markers, prompts, {}))
         print(f"running heretic-llm 1.4.0 ({args.n_trials} trials) ...", flush=True)
-        up_wall, up_rss = run_measured(
-            [str(UPSTREAM_VENV / "bin" / "heretic")], up_dir, up_dir / "run.log"
-        )
-        (up_dir / "measured.json").write_text(json.dumps({"wall": up_wall, "rss": up_rss}))
-    measured = json.loads((up_dir / "measured.json").read_text())
-    up_wall, up_rss = measured["wall"], measured["rss"]
+        fresh = run_process([str(UPSTREAM_VENV / "bin" / "heretic")], up_dir, up_dir / "run.log")
+        (up_dir / "measured.json").write_text(json.dumps(asdict(fresh)))
+    up_run = Measured(**json.loads((up_dir / "measured.json").read_text()))
 
     ours_dir = args.workdir / "ours"
     subprocess.run(["rm", "-rf", str(ours_dir)], check=True)
@@ -198,7 +215,7 @@ def main() -> None:
     )
     print(f"running heretic ({args.n_trials} trials) ...", flush=True)
     heretic = Path(sys.executable).parent / "heretic"
-    our_wall, our_rss = run_measured([str(heretic)], ours_dir, ours_dir / "run.log")
+    our_run = run_process([str(heretic)], ours_dir, ours_dir / "run.log")
 
     up = trial_seconds(upstream_trials(up_dir))
     ours_trials = our_trials(ours_dir / "out")
@@ -209,22 +226,25 @@ def main() -> None:
     reset = reset_seconds(model)
     up_median, our_median = statistics.median(up), statistics.median(ours)
     print()
-    print("| tool | trials | median s/trial | mean s/trial | wall s | peak RSS GB |")
-    print("| --- | --- | --- | --- | --- | --- |")
+    print("| tool | trials | median s/trial | mean s/trial | wall s | CPU s | peak RSS GB |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
     print(f"| heretic-llm 1.4.0 | {len(up)} | {up_median:.1f} | {statistics.mean(up):.1f} "
-          f"| {up_wall:.0f} | {up_rss:.2f} |")  # fmt: skip
+          f"| {up_run.wall:.0f} | {up_run.cpu:.0f} | {up_run.rss:.2f} |")  # fmt: skip
     print(f"| heretic (ours) | {len(ours)} ({pruned} pruned) | {our_median:.1f} "
-          f"| {statistics.mean(ours):.1f} | {our_wall:.0f} | {our_rss:.2f} |")  # fmt: skip
+          f"| {statistics.mean(ours):.1f} | {our_run.wall:.0f} | {our_run.cpu:.0f} "
+          f"| {our_run.rss:.2f} |")  # fmt: skip
     print()
     print(f"per-trial speed ratio (median): {up_median / our_median:.2f}x")
     print(f"per-trial speed ratio (mean):   {statistics.mean(up) / statistics.mean(ours):.2f}x")
+    print(f"whole-run ratio: wall {up_run.wall / our_run.wall:.2f}x, "
+          f"CPU {up_run.cpu / our_run.cpu:.2f}x")  # fmt: skip
     for strategy, seconds in reset.items():
         print(f"reset + next edit ({strategy} strategy): {seconds * 1e3:.3f} ms "
               f"({seconds / our_median:.4%} of a median trial)")  # fmt: skip
     plain_rss = plain_inference_rss(model, prompts, args.workdir)
     print(f"model weights {model_gb(model):.2f} GB; peak RSS of plain inference (load, then "
           f"100-token greedy generation, batch 32) {plain_rss:.2f} GB; ours / plain: "
-          f"{our_rss / plain_rss:.2f}")  # fmt: skip
+          f"{our_run.rss / plain_rss:.2f}")  # fmt: skip
 
 
 if __name__ == "__main__":
