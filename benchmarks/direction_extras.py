@@ -30,6 +30,9 @@ DATA = ROOT.parent / "shared" / "data"
 LOCAL = ROOT / "benchmarks" / "data"
 CAPABILITY = (LOCAL / "knowledge.txt", "[70:120]")
 
+NOTES = r"(probe labels: .*|kept\): .*|probing skipped.*|mean \|cos\| between .*)"
+"""Lines of a run's log worth printing under the table."""
+
 CONFIGS: dict[str, dict[str, bool]] = {
     "plain": {},
     "+probes": {"use_supervised_probing": True},
@@ -138,7 +141,7 @@ def main() -> None:
                 base_logprobs = base_model.first_token_logprobs(capability, 32)
         directions, _ = load_directions(out / DIRECTIONS_FILE)
         cap = capability_kl(base_model, base_logprobs, capability, directions, best)
-        notes = re.findall(r"(probe labels: .*|kept\): .*|probing skipped.*|mean \|cos\| between .*)", log_path.read_text())
+        notes = re.findall(NOTES, log_path.read_text())
         rows.append((name, result.base_refusals, best, cap, seconds, notes))
         print(
             f"{name}: refusals {int(best.values[1])}/{result.n_bad_evaluation_prompts} "
