@@ -294,3 +294,13 @@ def test_pipeline_saves_and_reuses_extras(tiny_chat_model, tmp_path, monkeypatch
     current = {**metadata, **extras_metadata(plain, prompts)}
     differences = metadata_differences(metadata, current)
     assert [line.split(":")[0] for line in differences] == ["extras", "extra_prompts_sha256"]
+
+
+def test_study_fingerprint_includes_extras_in_use():
+    from heretic.optimization import objective_fingerprint
+
+    plain = objective_fingerprint(_settings())
+    assert "use_sacred_directions" not in plain and "probe_weight" not in plain
+    sacred = objective_fingerprint(_settings(use_sacred_directions=True))
+    assert sacred["use_sacred_directions"] is True and sacred["n_sacred_directions"] == 5
+    assert {k: v for k, v in sacred.items() if k in plain} == plain
