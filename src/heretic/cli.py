@@ -52,7 +52,12 @@ from heretic.optimization import (
     trial_by_number,
 )
 from heretic.prompts import load_prompts
-from heretic.refinements import build_directions, extra_prompt_sets, extras_metadata
+from heretic.refinements import (
+    DirectionSet,
+    build_directions,
+    extra_prompt_sets,
+    extras_metadata,
+)
 from heretic.reset import editable_matrices, make_edit
 from heretic.workers import (
     OutputDirLease,
@@ -320,7 +325,7 @@ def _directions(
 
 def _compute_directions(
     model: Model, prompts: dict, settings: Settings, batch_size: int, console: Console
-):
+) -> DirectionSet:
     """Residuals of the direction prompts -> refusal directions, refined as configured."""
 
     def residuals_of(name: str) -> torch.Tensor:
