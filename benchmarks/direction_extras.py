@@ -91,6 +91,7 @@ def main() -> None:
     parser.add_argument("--n-trials", type=int, default=10)
     parser.add_argument("--workdir", type=Path, default=ROOT / "benchmarks" / "out-extras")
     parser.add_argument("--only", nargs="*", choices=list(CONFIGS), default=list(CONFIGS))
+    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     args = parser.parse_args()
 
     import optuna
@@ -102,7 +103,7 @@ def main() -> None:
     from heretic.prompts import load_prompts
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     args.workdir.mkdir(parents=True, exist_ok=True)
     capability = load_prompts(
         DatasetSpecification(dataset=str(CAPABILITY[0]), split=CAPABILITY[1]), "capability"
