@@ -30,7 +30,6 @@ from heretic.directions import (
     load_directions,
     metadata_differences,
     prompts_digest,
-    refusal_directions,
     save_directions,
 )
 from heretic.errors import HereticError
@@ -53,6 +52,12 @@ from heretic.optimization import (
     trial_by_number,
 )
 from heretic.prompts import load_prompts
+from heretic.refinements import (
+    DirectionSet,
+    build_directions,
+    extra_prompt_sets,
+    extras_metadata,
+)
 from heretic.reset import editable_matrices, make_edit
 from heretic.workers import (
     OutputDirLease,
@@ -137,7 +142,11 @@ def _run(settings: Settings, console: Console) -> RunResult:
     output_dir = settings.output_dir
 
     console.print("[bold]Loading prompts[/]")
-    prompts = {name: load_prompts(getattr(settings, name), name) for name in PROMPT_SETS}
+    # The refinements' prompt sets load only when they are on and directions are computed.
+    extra_sets = () if settings.directions is not None else extra_prompt_sets(settings)
+    prompts = {
+        name: load_prompts(getattr(settings, name), name) for name in PROMPT_SETS + extra_sets
+    }
     for name, values in prompts.items():
         check_prompt_count(getattr(settings, name), values, name)
         console.print(f"  {name}: {len(values)} prompts")
@@ -290,6 +299,8 @@ def _directions(
         "direction_method": settings.direction_method,
         "prompts_sha256": prompts_digest(prompts["good_prompts"], prompts["bad_prompts"]),
     }
+    if settings.directions is None:
+        metadata.update(extras_metadata(settings, prompts))
     if settings.directions is not None:
         directions, stored = load_directions(settings.directions)
         check_directions_shape(
@@ -316,32 +327,51 @@ def _directions(
                 ),
                 highlight=False,
             )
-        directions = _compute_directions(model, prompts, settings, batch_size, console)
-        save_directions(path, directions, metadata)
+        direction_set = _compute_directions(model, prompts, settings, batch_size, console)
+        save_directions(path, direction_set.refusal, metadata, direction_set.extra_tensors())
         console.print(f"Saved refusal directions to {path}")
-        return directions
+        return direction_set.refusal
 
 
 def _compute_directions(
     model: Model, prompts: dict, settings: Settings, batch_size: int, console: Console
-) -> torch.Tensor:
-    residuals = {}
-    with _progress(console) as progress:
-        for name in ("good_prompts", "bad_prompts"):
+) -> DirectionSet:
+    """Residuals of the direction prompts -> refusal directions, refined as configured."""
+
+    def residuals_of(name: str) -> torch.Tensor:
+        with _progress(console) as progress:
             task = progress.add_task(f"Residuals for {name}", total=len(prompts[name]), info="")
-            residuals[name] = model.residuals(
-                prompts[name], batch_size, lambda n, task=task: progress.advance(task, n)
+            residuals = model.residuals(
+                prompts[name], batch_size, lambda n: progress.advance(task, n)
             )
-            pause_point("extraction")
-    if (
-        not torch.isfinite(residuals["good_prompts"]).all()
-        or not torch.isfinite(residuals["bad_prompts"]).all()
-    ):
-        raise HereticError(
-            "The model produced NaN/inf activations: try --dtype float32 (or bfloat16)."
+        pause_point("extraction")
+        if not torch.isfinite(residuals).all():
+            raise HereticError(
+                "The model produced NaN/inf activations: try --dtype float32 (or bfloat16)."
+            )
+        return residuals
+
+    def refused() -> list[bool]:
+        judge = MarkerJudge(tuple(settings.refusal_markers))
+        console.print(
+            f"  generating the original model's responses to the bad prompts "
+            f"({settings.probe_response_length} tokens) to label the probes"
         )
-    return refusal_directions(
-        residuals["good_prompts"], residuals["bad_prompts"], settings.direction_method
+        responses = model.generate(
+            prompts["bad_prompts"], settings.probe_response_length, batch_size, judge.is_refusal
+        )
+        return [judge.is_refusal(r) for r in responses]
+
+    good = residuals_of("good_prompts")
+    bad = residuals_of("bad_prompts")
+    return build_directions(
+        good,
+        bad,
+        settings,
+        residuals_of,
+        refused,
+        log=lambda line: console.print(f"  {escape(line)}", highlight=False),
+        warn=lambda line: console.print(f"[yellow]Warning:[/] {escape(line)}", highlight=False),
     )
 
 

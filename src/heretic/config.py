@@ -90,10 +90,23 @@ class DatasetSpecification(BaseModel):
     config: str | None = Field(
         default=None, description="Hub dataset configuration name, e.g. 'en'."
     )
+    streaming: bool = Field(
+        default=False,
+        description="Hub datasets: stream the split and stop after the slice instead of "
+        "downloading it whole (for large corpora such as C4); local files are read whole.",
+    )
 
 
-def _spec(dataset: str, split: str, column: str | None = None) -> DatasetSpecification:
-    return DatasetSpecification(dataset=dataset, split=split, column=column)
+def _spec(
+    dataset: str,
+    split: str,
+    column: str | None = None,
+    config: str | None = None,
+    streaming: bool = False,
+) -> DatasetSpecification:
+    return DatasetSpecification(
+        dataset=dataset, split=split, column=column, config=config, streaming=streaming
+    )
 
 
 class Settings(BaseSettings):
@@ -279,6 +292,63 @@ class Settings(BaseSettings):
         description="Seconds between a running trial's heartbeats; a trial silent for 4 "
         "intervals belongs to a dead worker and is retried.",
     )
+    use_supervised_probing: bool = Field(
+        default=False,
+        description="Refine each layer's refusal direction with a logistic-regression probe "
+        "trained on whether the original model actually refused each bad prompt (greedy "
+        "responses of probe_response_length tokens, judged by the refusal markers).",
+    )
+    probe_l2: float = Field(
+        default=0.01,
+        ge=0.0,
+        description="L2 penalty of the probes (on residuals scaled to unit RMS per layer).",
+    )
+    min_probe_accuracy: float = Field(
+        default=0.65,
+        ge=0.0,
+        le=1.0,
+        description="Keep a layer's probe only when its 5-fold cross-validated balanced "
+        "accuracy reaches this; other layers keep the plain direction.",
+    )
+    ensemble_probe_pca: bool = Field(
+        default=True,
+        description="Use normalize(probe_weight * probe + (1 - probe_weight) * contrastive PCA) "
+        "(signs aligned) instead of the probe alone.",
+    )
+    probe_weight: float = Field(
+        default=0.7, ge=0.0, le=1.0, description="Weight of the probe in the ensemble."
+    )
+    probe_response_length: int = Field(
+        default=32,
+        ge=1,
+        description="Tokens generated per bad prompt to label it refused or complied for the "
+        "probes (short: refusals show in the first words).",
+    )
+    orthogonalize_directions: bool = Field(
+        default=False,
+        description="Project the helpfulness direction, normalize(mean(helpful_prompts) - "
+        "mean(unhelpfulness_prompts)), off the refusal direction, so the edit leaves "
+        "helpfulness alone.",
+    )
+    use_sacred_directions: bool = Field(
+        default=False,
+        description="Project capability ('sacred') directions off the refusal direction: the "
+        "top n_sacred_directions eigenvectors of cov(sacred_prompts) - sacred_alpha * "
+        "cov(sacred_baseline_prompts), per layer.",
+    )
+    n_sacred_directions: int = Field(default=5, ge=1, description="Sacred directions per layer.")
+    sacred_alpha: float = Field(
+        default=1.0,
+        ge=0.0,
+        description="Weight of the baseline covariance subtracted from the sacred one.",
+    )
+    sacred_overlap_threshold: float = Field(
+        default=0.3,
+        ge=0.0,
+        le=1.0,
+        description="Warn when the mean |cos| between the refusal and the sacred directions "
+        "exceeds this: the edit would then damage capabilities.",
+    )
     good_prompts: DatasetSpecification = Field(
         default_factory=lambda: _spec("mlabonne/harmless_alpaca", "train[:400]", "text"),
         description="Harmless prompts for the refusal directions.",
@@ -294,6 +364,27 @@ class Settings(BaseSettings):
     bad_evaluation_prompts: DatasetSpecification = Field(
         default_factory=lambda: _spec("mlabonne/harmful_behaviors", "test[:100]", "text"),
         description="Harmful prompts for counting refusals (keep them out of bad_prompts).",
+    )
+    helpful_prompts: DatasetSpecification = Field(
+        default_factory=lambda: _spec("mlabonne/harmless_alpaca", "train[400:600]", "text"),
+        description="Helpful requests for the helpfulness direction (orthogonalize_directions); "
+        "default: harmless prompts that good_prompts does not use.",
+    )
+    unhelpfulness_prompts: DatasetSpecification = Field(
+        default_factory=lambda: _spec("allenai/c4", "train[:200]", "text", "en", True),
+        description="Plain text that asks for nothing, the other side of the helpfulness "
+        "direction (streamed: C4 is large).",
+    )
+    sacred_prompts: DatasetSpecification = Field(
+        default_factory=lambda: _spec("cais/mmlu", "validation[:200]", "question", "all", True),
+        description="Capability prompts (knowledge questions) for the sacred directions.",
+    )
+    sacred_baseline_prompts: DatasetSpecification = Field(
+        default_factory=lambda: _spec(
+            "Salesforce/wikitext", "train[:200]", "text", "wikitext-2-raw-v1", True
+        ),
+        description="Plain prose whose covariance is subtracted from the sacred prompts' "
+        "(empty lines are dropped).",
     )
 
     @field_validator("select")

@@ -89,8 +89,9 @@ DIRECTIONS_FILE = "directions.safetensors"
 DIRECTIONS_KEY = "directions"
 SHAPE_KEYS = ("n_layers", "hidden_size")
 """Metadata that must match the model: a file made for another shape cannot be used at all."""
-MATCH_KEYS = ("model", "direction_method", "prompts_sha256")
-"""Metadata that must match for the file to be reused instead of recomputed."""
+MATCH_KEYS = ("model", "direction_method", "prompts_sha256", "extras", "extra_prompts_sha256")
+"""Metadata that must match for the file to be reused instead of recomputed (`extras`: the
+refinement settings, as JSON; `extra_prompts_sha256`: the prompts the refinements used)."""
 
 
 def prompts_digest(good: list[str], bad: list[str]) -> str:
@@ -98,8 +99,17 @@ def prompts_digest(good: list[str], bad: list[str]) -> str:
     return hashlib.sha256(json.dumps([good, bad]).encode()).hexdigest()
 
 
-def save_directions(path: Path, directions: torch.Tensor, metadata: dict[str, str]) -> None:
+def save_directions(
+    path: Path,
+    directions: torch.Tensor,
+    metadata: dict[str, str],
+    extras: dict[str, torch.Tensor] | None = None,
+) -> None:
     """Write directions (n_layers x hidden, float32) and metadata atomically (temp + rename).
+
+    `extras` are further tensors saved beside them (the helpfulness and sacred directions,
+    the probes' accuracies), so a reader of the file sees what the refusal directions were
+    made orthogonal to.
 
     A process killed while writing leaves at most a hidden temporary sibling, never a
     truncated file that a rerun would try to load.
@@ -107,8 +117,13 @@ def save_directions(path: Path, directions: torch.Tensor, metadata: dict[str, st
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     os.close(fd)
     try:
+        tensors = {
+            name: tensor.detach().float().cpu().contiguous()
+            for name, tensor in (extras or {}).items()
+        }
+        tensors[DIRECTIONS_KEY] = directions.detach().float().cpu().contiguous()
         save_file(
-            {DIRECTIONS_KEY: directions.detach().float().cpu().contiguous()},
+            tensors,
             tmp,
             metadata={k: str(v) for k, v in metadata.items()},
         )
@@ -144,6 +159,12 @@ def load_directions(path: Path) -> tuple[torch.Tensor, dict[str, str]]:
     return directions.float(), metadata
 
 
+def load_direction_extras(path: Path) -> dict[str, torch.Tensor]:
+    """The tensors saved beside the refusal directions (empty for a file with none)."""
+    with safe_open(str(path), framework="pt") as f:
+        return {k: f.get_tensor(k).float() for k in f.keys() if k != DIRECTIONS_KEY}
+
+
 def check_directions_shape(
     path: Path, directions: torch.Tensor, metadata: dict[str, str], n_layers: int, hidden: int
 ) -> None:
@@ -165,3 +186,120 @@ def metadata_differences(stored: dict[str, str], current: dict[str, str]) -> lis
         for key in MATCH_KEYS
         if stored.get(key) != current.get(key)
     ]
+
+
+# --------------------------------------------------------------------------------------------
+# Refinements: helpfulness and sacred (capability) directions, orthogonalization, ensembles
+# --------------------------------------------------------------------------------------------
+
+
+def helpfulness_directions(helpful: torch.Tensor, unhelpful: torch.Tensor) -> torch.Tensor:
+    """`normalize(mean(helpful) - mean(unhelpful))` per layer: what answering helpfully adds.
+
+    Part of the refusal direction is plain "this is (not) an assistant answering a request";
+    removing that part too would make the edited model a worse assistant on every prompt.
+    """
+    if len(helpful) == 0 or len(unhelpful) == 0:
+        raise ValueError(
+            f"the helpfulness direction needs helpful and unhelpful prompts; got "
+            f"{len(helpful)} helpful and {len(unhelpful)} unhelpful residuals"
+        )
+    return mean_difference(unhelpful, helpful)
+
+
+def sacred_directions(
+    sacred: torch.Tensor, baseline: torch.Tensor, n_directions: int, alpha: float = 1.0
+) -> torch.Tensor:
+    """Capability directions: top eigenvectors per layer of `cov(sacred) - alpha * cov(baseline)`.
+
+    Returns (n_layers, n_directions, hidden), orthonormal per layer. The baseline (plain
+    prose) cancels what any text varies along, leaving what the capability prompts (knowledge
+    questions) vary along beyond it: the directions an edit should leave alone.
+    """
+    _check(baseline, sacred)
+    if len(sacred) < 2 or len(baseline) < 2:
+        raise ValueError(
+            f"sacred directions need at least 2 sacred and 2 baseline prompts (covariances); "
+            f"got {len(sacred)} and {len(baseline)}"
+        )
+    hidden = sacred.shape[-1]
+    if not 1 <= n_directions <= hidden:
+        raise ValueError(f"n_directions must be in 1..{hidden}, got {n_directions}")
+    s = sacred.double()
+    b = baseline.double()
+    cs = s - s.mean(dim=0)
+    cb = b - b.mean(dim=0)
+    cov_s = torch.einsum("nlh,nlk->lhk", cs, cs) / (len(s) - 1)
+    cov_b = torch.einsum("nlh,nlk->lhk", cb, cb) / (len(b) - 1)
+    _, eigenvectors = torch.linalg.eigh(cov_s - alpha * cov_b)
+    # eigh sorts ascending: the last columns are the largest eigenvalues, biggest first.
+    top = eigenvectors[..., -n_directions:].flip(-1).transpose(-1, -2)
+    return orthonormal_basis(top).float()
+
+
+def orthonormal_basis(vectors: torch.Tensor) -> torch.Tensor:
+    """Orthonormalize k vectors per layer, (n_layers, k, hidden) -> same shape, by QR (float64).
+
+    Projecting out vectors one by one is only right when they are orthogonal; after QR, all of
+    them can be removed at once with `Q Q^T`.
+    """
+    if vectors.dim() != 3:
+        raise ValueError(f"expected (n_layers, k, hidden), got {tuple(vectors.shape)}")
+    q, r = torch.linalg.qr(vectors.double().transpose(-1, -2))  # (layers, hidden, k)
+    # QR's signs are arbitrary: keep each basis vector pointing like the input it came from.
+    sign = torch.sign(torch.diagonal(r, dim1=-2, dim2=-1))
+    sign[sign == 0] = 1
+    return (q * sign.unsqueeze(-2)).transpose(-1, -2).to(vectors.dtype)
+
+
+def orthogonalize(directions: torch.Tensor, against: torch.Tensor) -> torch.Tensor:
+    """Remove from each layer's direction its component in the span of `against`, renormalized.
+
+    `directions` is (n_layers, hidden); `against` is (n_layers, hidden) or (n_layers, k, hidden).
+    With one unit u this is `normalize(r - (r.u) u)`; with several, they are orthonormalized
+    first (QR) and projected out together. Raises when a direction lies (almost) inside the
+    span, since nothing meaningful would be left to edit.
+    """
+    if against.dim() == 2:
+        against = against.unsqueeze(1)
+    if against.shape[0] != directions.shape[0] or against.shape[-1] != directions.shape[-1]:
+        raise ValueError(
+            f"cannot orthogonalize {tuple(directions.shape)} directions against "
+            f"{tuple(against.shape)}: layers and hidden size must match"
+        )
+    basis = orthonormal_basis(against.double())
+    r = directions.double()
+    coefficients = torch.einsum("lkh,lh->lk", basis, r)
+    rest = r - torch.einsum("lk,lkh->lh", coefficients, basis)
+    norms = rest.norm(dim=-1)
+    lost = (norms < 1e-6 * r.norm(dim=-1).clamp_min(1e-12)).nonzero().flatten().tolist()
+    if lost:
+        raise ValueError(
+            f"the refusal direction of layer(s) {lost} lies inside the span of the directions "
+            "it is orthogonalized against: nothing would be left to edit"
+        )
+    return normalize(rest).to(directions.dtype)
+
+
+def mean_abs_cosine(directions: torch.Tensor, others: torch.Tensor) -> float:
+    """Mean |cos| between each layer's direction (n_layers, hidden) and its other directions
+    (n_layers, k, hidden): how much an edit along `directions` would also touch `others`."""
+    if others.dim() == 2:
+        others = others.unsqueeze(1)
+    cos = torch.einsum("lh,lkh->lk", normalize(directions.double()), normalize(others.double()))
+    return float(cos.abs().mean())
+
+
+def ensemble(probe: torch.Tensor, pca: torch.Tensor, probe_weight: float) -> torch.Tensor:
+    """`normalize(a * probe + (1 - a) * pca)` per layer, after flipping pca to agree with probe.
+
+    Eigenvector signs are arbitrary: without the alignment a flipped PCA direction would cancel
+    the probe's instead of reinforcing it.
+    """
+    if probe.shape != pca.shape:
+        raise ValueError(f"shape mismatch {tuple(probe.shape)} vs {tuple(pca.shape)}")
+    if not 0.0 <= probe_weight <= 1.0:
+        raise ValueError(f"probe_weight must be in [0, 1], got {probe_weight}")
+    p = normalize(probe.double())
+    q = align_signs(normalize(pca.double()), p)
+    return normalize(probe_weight * p + (1.0 - probe_weight) * q).to(probe.dtype)

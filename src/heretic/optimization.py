@@ -145,10 +145,35 @@ FINGERPRINT_SETTINGS = (
 batch size, select, dtype, device) can change between runs of one study."""
 
 
+EXTRA_FINGERPRINT_SETTINGS = {
+    "use_supervised_probing": (
+        "probe_l2",
+        "min_probe_accuracy",
+        "ensemble_probe_pca",
+        "probe_weight",
+        "probe_response_length",
+    ),
+    "orthogonalize_directions": ("helpful_prompts", "unhelpfulness_prompts"),
+    "use_sacred_directions": (
+        "n_sacred_directions",
+        "sacred_alpha",
+        "sacred_prompts",
+        "sacred_baseline_prompts",
+    ),
+}
+"""Direction extras change the directions, hence the scores: each switch and its settings join
+the fingerprint when the switch is on (so studies made without extras keep matching)."""
+
+
 def objective_fingerprint(settings: BaseModel) -> dict[str, Any]:
-    """The values of FINGERPRINT_SETTINGS, JSON-ready."""
+    """The values of FINGERPRINT_SETTINGS (and of the direction extras in use), JSON-ready."""
     dumped = settings.model_dump(mode="json")
-    return {name: dumped[name] for name in FINGERPRINT_SETTINGS if name in dumped}
+    fingerprint = {name: dumped[name] for name in FINGERPRINT_SETTINGS if name in dumped}
+    for switch, names in EXTRA_FINGERPRINT_SETTINGS.items():
+        if dumped.get(switch):
+            fingerprint[switch] = True
+            fingerprint.update({name: dumped[name] for name in names})
+    return fingerprint
 
 
 def check_fingerprint(

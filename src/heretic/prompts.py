@@ -628,11 +628,11 @@ def _guard(records: Iterator[T], spec: DatasetSpecification, setting: str) -> It
 def load_prompts(spec: DatasetSpecification, setting: str, *, streaming: bool = False) -> list[str]:
     """Load the prompts described by `spec`; `setting` (e.g. "bad_prompts") names it in errors.
 
-    `streaming` only affects hub datasets: it avoids downloading a large split when only a
-    leading slice is wanted. Local files are always read whole.
+    `streaming` (or `spec.streaming`) only affects hub datasets: it avoids downloading a large
+    split when only a leading slice is wanted. Local files are always read whole.
     """
     if _is_local(spec.dataset):
         return _load_local(spec, setting)
-    if streaming:
+    if streaming or spec.streaming:
         return _load_hub_streaming(spec, setting)
     return _load_hub(spec, setting)
