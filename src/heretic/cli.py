@@ -36,6 +36,7 @@ from heretic.directions import (
 from heretic.errors import HereticError
 from heretic.evaluation import Evaluator, MarkerJudge, Score
 from heretic.finish import Finisher
+from heretic.judges import OPENING_TOKENS, AdaptiveJudge
 from heretic.model import Model, load_model
 from heretic.optimization import (
     KL_ATTR,
@@ -188,6 +189,12 @@ def _run(settings: Settings, console: Console) -> RunResult:
         screening_tokens=settings.screening_tokens if settings.prune_dominated_trials else 0,
     )
     n_bad = len(evaluator.bad_prompts)
+    if settings.refusal_judge == "adaptive":
+        console.print(f"  refusals by markers: {evaluator.base_refusals}/{n_bad}")
+        evaluator.use_judge(_adaptive_judge(settings, model, prompts, evaluator, batch_size))
+        phrases = evaluator.judge.phrases
+        shown = ", ".join(repr(p) for p in phrases[:8]) + (" ..." if len(phrases) > 8 else "")
+        console.print(f"  adaptive judge: {len(phrases)} refusal phrases learned {shown}".rstrip())
     console.print(f"  refusals: {evaluator.base_refusals}/{n_bad}")
 
     study = _search(settings, study, model, hooks, evaluator, console)
@@ -359,6 +366,22 @@ def _open_study(settings: Settings, console: Console):
             highlight=False,
         )
     return study
+
+
+def _adaptive_judge(
+    settings: Settings, model: Model, prompts: dict, evaluator: Evaluator, batch_size: int
+) -> AdaptiveJudge:
+    """Learn the original model's refusal phrases from its responses to the bad evaluation
+    prompts (already generated) and to the good evaluation prompts (their openings only)."""
+    good = prompts["good_evaluation_prompts"]
+    good_responses = model.generate(good, OPENING_TOKENS, batch_size)
+    return AdaptiveJudge.fit(
+        settings.refusal_markers,
+        evaluator.bad_prompts,
+        evaluator.base_responses,
+        good,
+        good_responses,
+    )
 
 
 def _search(settings: Settings, study, model: Model, hooks, evaluator: Evaluator, console: Console):
