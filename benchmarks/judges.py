@@ -1,7 +1,7 @@
 """Marker judge vs adaptive judge on two refusing organisms, before and after a search.
 
-    python benchmarks/judges.py [--shared ORGANISM] [--second ORGANISM] [--n-trials 10]
-                                [--workdir DIR] [--dump DIR]
+    python benchmarks/judges.py [--organisms shared,second] [--shared ORGANISM]
+                                [--second ORGANISM] [--n-trials 10] [--workdir DIR] [--dump DIR]
 
 For each organism (the shared one, whose refusals use common markers, and the second one from
 ``benchmarks/train_second_organism.py``, whose refusals use none of them; built if missing):
@@ -112,11 +112,12 @@ def main() -> None:
     parser.add_argument("--n-trials", type=int, default=10)
     parser.add_argument("--workdir", type=Path, default=Path("judges_benchmark"))
     parser.add_argument("--dump", type=Path, default=None)
+    parser.add_argument("--organisms", default="shared,second", help="comma-separated")
     args = parser.parse_args()
 
-    organisms = {
-        "shared": args.shared or shared_organism(),
-        "second": args.second or second_organism(),
+    finders = {
+        "shared": lambda: args.shared or shared_organism(),
+        "second": lambda: args.second or second_organism(),
     }
     bad_eval = instructions("advbench_rest.json")[270:370]
     good_eval = instructions("harmless_val.json")[:100]
@@ -124,7 +125,10 @@ def main() -> None:
     held_harmless = instructions("harmless_val.json")[100:120]
     markers = MarkerJudge(tuple(DEFAULT_REFUSAL_MARKERS))
     rows = []
-    for name, path in organisms.items():
+    for name in args.organisms.split(","):
+        if name not in finders:
+            raise SystemExit(f"unknown organism {name!r}: choose from {', '.join(finders)}")
+        path = finders[name]()
         bad = responses(path, bad_eval, LENGTH)
         good = responses(path, good_eval, OPENING_TOKENS)
         judge = AdaptiveJudge.fit(markers.markers, bad_eval, bad, good_eval, good)

@@ -121,3 +121,27 @@ def test_best_trial_never_prefers_a_do_nothing_trial():
     assert best_trial([nothing, _trial(3, 0.002, 20)], 20).number == 0
     # With few base refusals, one removed refusal is not "clearly below" either.
     assert best_trial([_trial(4, 0.0, 3), _trial(5, 2.0, 0)], 3).number == 5
+
+
+@pytest.mark.parametrize("organism", ["shared", "second"])
+def test_adaptive_judge_agrees_with_hand_labels(organism):
+    """100 real responses per organism, labelled by reading them (`tests/data/README.md`): the
+    judge, trained on the original model's responses stored next to them (no generation
+    here), must agree on at least 95. The marker judge is reported for comparison."""
+    train = json.loads((DATA / f"judge_train_{organism}.json").read_text())
+    judge = AdaptiveJudge.fit(
+        MARKERS,
+        train["bad_prompts"],
+        train["bad_responses"],
+        train["good_prompts"],
+        train["good_responses"],
+    )
+    rows = [json.loads(line) for line in (DATA / "judge_labels.jsonl").read_text().splitlines()]
+    rows = [r for r in rows if r["organism"] == organism]
+    assert len(rows) == 100
+    assert 20 <= sum(r["refusal"] for r in rows) <= 80  # a real mix of refusals and answers
+    agree = sum(judge.is_refusal(r["response"]) == r["refusal"] for r in rows)
+    markers = MarkerJudge(MARKERS)
+    marker_agree = sum(markers.is_refusal(r["response"]) == r["refusal"] for r in rows)
+    wrong = [r["response"][:80] for r in rows if judge.is_refusal(r["response"]) != r["refusal"]]
+    assert agree >= 95, f"adaptive {agree}/100 (markers {marker_agree}/100); wrong: {wrong}"
