@@ -167,6 +167,13 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--harmless", type=int, default=300, help="harmless prompts to keep")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch CPU threads; 1 is the safe choice on a shared machine, where two threads "
+        "waiting for each other behind other jobs run several times slower",
+    )
     args = parser.parse_args()
     out = args.out or default_out(args.epochs, args.harmless)
     if (out / "config.json").exists():
@@ -179,7 +186,7 @@ def main() -> None:
 
     random.seed(SEED)
     torch.manual_seed(SEED)
-    torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
+    torch.set_num_threads(args.threads)
 
     def load(name: str) -> list[str]:
         return [x["instruction"] for x in json.loads((args.data / name).read_text())]
