@@ -191,10 +191,14 @@ def _run(settings: Settings, console: Console) -> RunResult:
     n_bad = len(evaluator.bad_prompts)
     if settings.refusal_judge == "adaptive":
         console.print(f"  refusals by markers: {evaluator.base_refusals}/{n_bad}")
+        learning = time.perf_counter()
         evaluator.use_judge(_adaptive_judge(settings, model, prompts, evaluator, batch_size))
         phrases = evaluator.judge.phrases
-        shown = ", ".join(repr(p) for p in phrases[:8]) + (" ..." if len(phrases) > 8 else "")
-        console.print(f"  adaptive judge: {len(phrases)} refusal phrases learned {shown}".rstrip())
+        shown = ", ".join(repr(p) for p in phrases[:6]) + (" ..." if len(phrases) > 6 else "")
+        console.print(
+            f"  adaptive judge: {len(phrases)} refusal phrases learned in "
+            f"{time.perf_counter() - learning:.0f} s {shown}".rstrip()
+        )
     console.print(f"  refusals: {evaluator.base_refusals}/{n_bad}")
 
     study = _search(settings, study, model, hooks, evaluator, console)
