@@ -45,6 +45,7 @@ from heretic.optimization import (
     SearchSpace,
     best_trial,
     check_fingerprint,
+    did_nothing,
     finished_trials,
     objective_fingerprint,
     open_study,
@@ -114,8 +115,14 @@ def front_table(front, base_refusals: int, n_bad: int) -> Table:
             f"{c}: layers {p.layer_min:.2f}-{p.layer_max:.2f} w {p.weight:.2f}"
             for c, p in params.items()
         )
-        table.add_row(str(t.number), f"{int(t.values[1])}/{n_bad}", f"{t.values[0]:.4f}", text)
-    table.caption = f"base model: {base_refusals}/{n_bad} refusals, KL 0"
+        refusals = f"{int(t.values[1])}/{n_bad}"
+        if did_nothing(t, base_refusals):
+            refusals += " (did nothing)"
+        table.add_row(str(t.number), refusals, f"{t.values[0]:.4f}", text)
+    table.caption = (
+        f"base model: {base_refusals}/{n_bad} refusals, KL 0; 'did nothing': above 90% of "
+        "the base refusals, never chosen by --select best while another point exists"
+    )
     return table
 
 
