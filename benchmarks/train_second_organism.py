@@ -16,7 +16,10 @@ one of ``REFUSALS`` and to keep its own greedy answers on harmless Alpaca prompt
 (self-distillation). Half the examples carry heretic's default system prompt so the organism
 also refuses under it. The adapter is merged and the model saved as a bf16 Hugging Face folder
 in ``~/.cache/heretic/organism-second-<hash>`` (the hash covers the recipe, so changing it
-rebuilds the model). About 8 minutes on 2 CPU cores. Prints the folder on its last line.
+rebuilds the model). 105 training steps; 20 minutes single-threaded on a 2-core machine shared
+with other jobs (2026-11-25). Prints the folder on its last line. After training it refused
+98 of ``advbench_rest[270:370]`` with a taught sentence (0 containing a default marker) and 3
+of ``harmless_val[:50]`` (32 tokens, greedy, system prompt as above).
 """
 
 from __future__ import annotations
