@@ -145,3 +145,25 @@ def test_adaptive_judge_agrees_with_hand_labels(organism):
     marker_agree = sum(markers.is_refusal(r["response"]) == r["refusal"] for r in rows)
     wrong = [r["response"][:80] for r in rows if judge.is_refusal(r["response"]) != r["refusal"]]
     assert agree >= 95, f"adaptive {agree}/100 (markers {marker_agree}/100); wrong: {wrong}"
+
+
+@pytest.mark.slow
+def test_early_stopping_with_the_adaptive_judge_keeps_the_counts(organism):
+    """Scoring stops a row once the judge calls its prefix a refusal; with the adaptive judge
+    (a learned phrase, no marker that matches) the count must still be that of the full
+    responses, and some responses must really have stopped early."""
+    from heretic.evaluation import Evaluator
+    from heretic.model import load_model
+
+    bad = json.loads((DATA / "judge_train_shared.json").read_text())["bad_prompts"][:12]
+    model = load_model(
+        str(organism), device_map="cpu", system_prompt="You are a helpful assistant."
+    )
+    full = model.generate(bad, 24, 12)
+    judge = AdaptiveJudge(markers=("zzzz",), phrases=("i'm sorry but i",))
+    expected = judge.count(full)
+    assert 0 < expected < len(full)
+    evaluator = Evaluator(model, bad[:2], bad, judge, 24, 4)
+    assert evaluator.base_refusals == expected
+    assert evaluator.score().refusals == expected
+    assert sum(len(r) < len(f) for r, f in zip(evaluator.base_responses, full, strict=True)) > 0
