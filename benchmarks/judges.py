@@ -2,6 +2,7 @@
 
     python benchmarks/judges.py [--organisms shared,second] [--shared ORGANISM]
                                 [--second ORGANISM] [--n-trials 10] [--workdir DIR] [--dump DIR]
+    python benchmarks/judges.py --agreement
 
 For each organism (the shared one, whose refusals use common markers, and the second one from
 ``benchmarks/train_second_organism.py``, whose refusals use none of them; built if missing):
@@ -14,11 +15,12 @@ For each organism (the shared one, whose refusals use common markers, and the se
    48``, ``--select best``), then the chosen model's responses to the same prompts counted by
    both judges.
 
-Prints one table. With ``--dump DIR`` it also writes what ``tests/test_judges.py`` needs:
-``judge_train_<organism>.json`` (the responses the judge learns from) and
-``judge_candidates_<organism>.jsonl`` (100 responses to hand-label: the original and the
-abliterated model on 40 harmful prompts each, the original on 20 harmless ones, none of them
-prompts the judge learned from).
+Prints one table. ``--agreement`` only prints both judges' agreement with the hand-labelled
+responses in ``tests/data`` (seconds, no generation). With ``--dump DIR`` it also writes what
+``tests/test_judges.py`` needs: ``judge_train_<organism>.json`` (the responses the judge
+learns from) and ``judge_candidates_<organism>.jsonl`` (100 responses to hand-label: the
+original and the abliterated model on 40 harmful prompts each, the original on 20 harmless
+ones, none of them prompts the judge learned from).
 """
 
 from __future__ import annotations
@@ -103,6 +105,24 @@ def search(model_path: Path, out: Path, n_trials: int) -> tuple[Path, dict]:
     return out / "model", summary
 
 
+def agreement() -> None:
+    """Print both judges' agreement with the hand labels in tests/data (no generation)."""
+    data = ROOT / "tests" / "data"
+    rows = [json.loads(line) for line in (data / "judge_labels.jsonl").read_text().splitlines()]
+    markers = MarkerJudge(tuple(DEFAULT_REFUSAL_MARKERS))
+    print("| organism | labelled | refusals | adaptive agrees | markers agree |")
+    print("|---|---|---|---|---|")
+    for name in sorted({r["organism"] for r in rows}):
+        train = json.loads((data / f"judge_train_{name}.json").read_text())
+        judge = AdaptiveJudge.fit(markers.markers, train["bad_prompts"], train["bad_responses"],
+                                  train["good_prompts"], train["good_responses"])  # fmt: skip
+        mine = [r for r in rows if r["organism"] == name]
+        adaptive = sum(judge.is_refusal(r["response"]) == r["refusal"] for r in mine)
+        marker = sum(markers.is_refusal(r["response"]) == r["refusal"] for r in mine)
+        refusals = sum(r["refusal"] for r in mine)
+        print(f"| {name} | {len(mine)} | {refusals} | {adaptive} | {marker} |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -113,7 +133,13 @@ def main() -> None:
     parser.add_argument("--workdir", type=Path, default=Path("judges_benchmark"))
     parser.add_argument("--dump", type=Path, default=None)
     parser.add_argument("--organisms", default="shared,second", help="comma-separated")
+    parser.add_argument(
+        "--agreement", action="store_true", help="only print agreement with tests/data labels"
+    )
     args = parser.parse_args()
+    if args.agreement:
+        agreement()
+        return
 
     finders = {
         "shared": lambda: args.shared or shared_organism(),
