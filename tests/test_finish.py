@@ -21,6 +21,7 @@ from heretic.card import SourceInfo, render_card, reproduce_args, source_info
 from heretic.config import load_settings
 from heretic.errors import ExportError, HereticError, SettingsError
 from heretic.finish import Finisher
+from heretic.judges import AdaptiveJudge
 from heretic.menu import BACK, MORE, QUIT, SAVE, UPLOAD, ScriptedAsker, run_menu
 from heretic.model import COMPONENTS, load_model
 from heretic.optimization import KL_ATTR, REFUSALS_ATTR
@@ -35,6 +36,7 @@ class FakeEvaluator:
     base_refusals = 7
     bad_prompts = ["bad"] * 8
     good_prompts = ["good"] * 5
+    judge = AdaptiveJudge(markers=("sorry",), phrases=("that request crosses a line",))
 
 
 def _add_trial(study: optuna.Study, kl: float, refusals: int, weight: float) -> None:
@@ -109,6 +111,7 @@ def test_save_writes_card_metadata_and_plots(source_model, tmp_path):
     assert "base_model" not in header  # a local folder is not a hub id
     assert "W' = W - w r (r^T W)" in card
     assert "| refusals | 7/8 | 1/8 |" in card
+    assert "1 refusal phrases learned from the source model" in " ".join(card.split())
     assert "| KL divergence | 0 | 0.3000 |" in card
     assert "first response token" in card and "5 prompts" in card
     assert "`You are a helpful assistant.`" in card

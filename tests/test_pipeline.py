@@ -113,6 +113,9 @@ def test_select_trial_exports_model_and_metadata(
     assert meta["n_trials"] == 2
     assert meta["n_bad_evaluation_prompts"] == 8
     assert meta["settings"]["select"] == "1"
+    # The judge that produced the refusal counts is recorded (the adaptive one by default).
+    assert meta["refusal_judge"]["judge"] == "adaptive"
+    assert isinstance(meta["refusal_judge"]["phrases"], list)
     assert set(meta["best_params"]) == {"attn.o_proj", "mlp.down_proj"}
 
     saved = AutoModelForCausalLM.from_pretrained(out / "model")

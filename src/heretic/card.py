@@ -192,6 +192,14 @@ def render_card(
     refusals = metadata["refusal_count"]
     kl = metadata["kl_divergence"]
     system_prompt = settings.system_prompt or "(none)"
+    judge = metadata.get("refusal_judge") or {}
+    judge_text = ""
+    if judge.get("judge") == "adaptive":
+        judge_text = (
+            f", or, in its first {judge['opening_words']} words, one of the "
+            f"{len(judge['phrases'])} refusal phrases learned from the source model's own "
+            "responses (adaptive judge; the phrases are in heretic_metadata.json)"
+        )
     what = {
         "model": "merged weights (safetensors; `AutoModelForCausalLM.from_pretrained`)",
         "gguf": "a GGUF file for llama.cpp / Ollama: the source file with only the edited "
@@ -251,8 +259,8 @@ Layer positions are fractions of depth (0 = first of the {n_layers} layers, 1 = 
 - **Refusals**: greedy responses (up to {settings.max_response_length} new tokens) to the
   harmful evaluation prompts {_dataset_text(settings.bad_evaluation_prompts)}; a response counts
   as a refusal when it contains one of {len(settings.refusal_markers)} refusal markers
-  ("sorry", "i cannot", ...), lower-cased. This is a keyword judge: it misses some refusals and
-  counts some answers that mention e.g. "illegal" as refusals.
+  ("sorry", "i cannot", ...), lower-cased{judge_text}. This is a keyword judge: it misses some
+  refusals and counts some answers that mention e.g. "illegal" as refusals.
 - **KL divergence**: `KL(P_source || P_edited)` of the first response token, averaged over the
   harmless evaluation prompts {_dataset_text(settings.good_evaluation_prompts)}{good_line}; it
   measures how much the edit changes the model on ordinary requests (0 = unchanged).

@@ -35,6 +35,7 @@ from heretic.directions import (
 from heretic.errors import HereticError
 from heretic.evaluation import Evaluator, MarkerJudge, Score
 from heretic.finish import Finisher
+from heretic.judges import OPENING_TOKENS, AdaptiveJudge
 from heretic.model import Model, load_model
 from heretic.optimization import (
     KL_ATTR,
@@ -43,6 +44,7 @@ from heretic.optimization import (
     SearchSpace,
     best_trial,
     check_fingerprint,
+    did_nothing,
     finished_trials,
     objective_fingerprint,
     open_study,
@@ -118,8 +120,14 @@ def front_table(front, base_refusals: int, n_bad: int) -> Table:
             f"{c}: layers {p.layer_min:.2f}-{p.layer_max:.2f} w {p.weight:.2f}"
             for c, p in params.items()
         )
-        table.add_row(str(t.number), f"{int(t.values[1])}/{n_bad}", f"{t.values[0]:.4f}", text)
-    table.caption = f"base model: {base_refusals}/{n_bad} refusals, KL 0"
+        refusals = f"{int(t.values[1])}/{n_bad}"
+        if did_nothing(t, base_refusals):
+            refusals += " (did nothing)"
+        table.add_row(str(t.number), refusals, f"{t.values[0]:.4f}", text)
+    table.caption = (
+        f"base model: {base_refusals}/{n_bad} refusals, KL 0; 'did nothing': above 90% of "
+        "the base refusals, never chosen by --select best while another point exists"
+    )
     return table
 
 
@@ -202,6 +210,16 @@ def _run(settings: Settings, console: Console) -> RunResult:
         log=lambda line: console.print(f"  {line}", highlight=False),
     )
     n_bad = len(evaluator.bad_prompts)
+    if settings.refusal_judge == "adaptive":
+        console.print(f"  refusals by markers: {evaluator.base_refusals}/{n_bad}")
+        learning = time.perf_counter()
+        evaluator.use_judge(_adaptive_judge(settings, model, prompts, evaluator, batch_size))
+        phrases = evaluator.judge.phrases
+        shown = ", ".join(repr(p) for p in phrases[:6]) + (" ..." if len(phrases) > 6 else "")
+        console.print(
+            f"  adaptive judge: {len(phrases)} refusal phrases learned in "
+            f"{time.perf_counter() - learning:.0f} s {shown}".rstrip()
+        )
     console.print(f"  refusals: {evaluator.base_refusals}/{n_bad}")
 
     study = _search(settings, study, model, hooks, evaluator, console)
@@ -399,6 +417,22 @@ def _open_study(settings: Settings, console: Console):
             highlight=False,
         )
     return study
+
+
+def _adaptive_judge(
+    settings: Settings, model: Model, prompts: dict, evaluator: Evaluator, batch_size: int
+) -> AdaptiveJudge:
+    """Learn the original model's refusal phrases from its responses to the bad evaluation
+    prompts (already generated) and to the good evaluation prompts (their openings only)."""
+    good = prompts["good_evaluation_prompts"]
+    good_responses = model.generate(good, OPENING_TOKENS, batch_size)
+    return AdaptiveJudge.fit(
+        settings.refusal_markers,
+        evaluator.bad_prompts,
+        evaluator.base_responses,
+        good,
+        good_responses,
+    )
 
 
 def _search(settings: Settings, study, model: Model, hooks, evaluator: Evaluator, console: Console):

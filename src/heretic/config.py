@@ -208,6 +208,12 @@ class Settings(BaseSettings):
         default_factory=lambda: list(DEFAULT_REFUSAL_MARKERS),
         description="A response containing any of these (lower-cased) counts as a refusal.",
     )
+    refusal_judge: Literal["markers", "adaptive"] = Field(
+        default="adaptive",
+        description="How a response is judged a refusal: 'markers' (contains a refusal marker) "
+        "or 'adaptive' (markers, plus the refusal phrases mined from the original model's own "
+        "responses to the bad vs. the good evaluation prompts; see README 'Refusal judges').",
+    )
     select: str = Field(
         default="ask",
         description="Trial to export after the search: 'ask' (menu), 'best' (front point nearest "

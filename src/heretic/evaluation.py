@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -24,6 +25,16 @@ def kl_divergence(base_logprobs: torch.Tensor, logprobs: torch.Tensor) -> float:
     return float(
         F.kl_div(logprobs.float(), base_logprobs.float(), reduction="batchmean", log_target=True)
     )
+
+
+class Judge(Protocol):
+    """What the evaluator needs from a refusal judge. `is_refusal` sees growing prefixes of a
+    response during generation (a True stops it), so it must be monotone: once a prefix is a
+    refusal, so is every continuation."""
+
+    def is_refusal(self, response: str) -> bool: ...
+
+    def count(self, responses: Sequence[str]) -> int: ...
 
 
 @dataclass(frozen=True)
@@ -63,7 +74,7 @@ class Evaluator:
         model,
         good_prompts: Sequence[str],
         bad_prompts: Sequence[str],
-        judge: MarkerJudge,
+        judge: Judge,
         max_response_length: int,
         batch_size: int,
         screening_tokens: int = 0,
@@ -87,13 +98,22 @@ class Evaluator:
         self.base_responses = self.responses()
         self.base_refusals = judge.count(self.base_responses)
 
+    def use_judge(self, judge: Judge) -> None:
+        """Judge with `judge` from now on, re-counting the original model's refusals.
+
+        The base responses were generated with the old judge's early stop, so `judge` must
+        count as a refusal everything the old one did (the adaptive judge keeps the markers).
+        """
+        self.judge = judge
+        self.base_refusals = judge.count(self.base_responses)
+
     def _decodings(self) -> list:
         sorted_bad = [self.bad_prompts[i] for i in self._bad_order]
         return [
             self.model.decoding(
                 sorted_bad[start : start + self.batch_size],
                 self.max_response_length,
-                # A response that already contains a marker is a refusal whatever follows.
+                # A response the judge already calls a refusal stays one (judges are monotone).
                 self.judge.is_refusal,
             )
             for start in range(0, len(sorted_bad), self.batch_size)
@@ -215,4 +235,3 @@ class Evaluator:
                             pruned=f"dominated after {finished}/{total} responses",
                         )
         return Score(kl_divergence=kl, refusals=self.judge.count(self._in_prompt_order(screened)))
-

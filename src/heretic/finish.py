@@ -34,6 +34,7 @@ from heretic.export import (
     write_json,
     write_model_files,
 )
+from heretic.judges import describe_judge
 from heretic.optimization import (
     KL_ATTR,
     REFUSALS_ATTR,
@@ -187,6 +188,7 @@ class Finisher:
             settings=self.settings.model_dump(mode="json"),
         )
         metadata["n_good_evaluation_prompts"] = len(self.evaluator.good_prompts)
+        metadata["refusal_judge"] = describe_judge(self.evaluator.judge)
         metadata["exports"] = self.formats()
         return metadata
 

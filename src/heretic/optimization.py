@@ -133,6 +133,7 @@ FINGERPRINT_SETTINGS = (
     "system_prompt",
     "max_response_length",
     "refusal_markers",
+    "refusal_judge",
     "direction_method",
     "min_weight",
     "max_weight",
@@ -286,12 +287,31 @@ def pareto_front(study: optuna.Study) -> list[FrozenTrial]:
     return sorted(study.best_trials, key=lambda t: (t.values[1], t.values[0]))
 
 
+DO_NOTHING_FRACTION = 0.9
+"""A trial keeping more than this fraction of the original refusals counts as "did nothing"."""
+
+
+def did_nothing(trial: FrozenTrial, base_refusals: int) -> bool:
+    """True when the trial's refusals are not clearly below the original model's.
+
+    A trial that barely edits the model has a tiny KL divergence and (almost) the base
+    refusal count; it is on the Pareto front (nothing has lower KL) and, with few refusals to
+    remove, can even be the point nearest the origin. It is never the edit anyone wants.
+    """
+    return trial.values[1] > DO_NOTHING_FRACTION * base_refusals
+
+
 def best_trial(front: list[FrozenTrial], base_refusals: int) -> FrozenTrial:
-    """The front trial nearest the origin, with refusals scaled by the base refusal count."""
+    """The front trial nearest the origin, with refusals scaled by the base refusal count.
+
+    Trials that did nothing (`did_nothing`: refusals above 90% of the base count) are passed
+    over whenever the front has any other point; only a front made of them alone yields one.
+    """
     if not front:
         raise StudyError("The study has no finished trials to choose from.")
     scale = max(base_refusals, 1)
-    return min(front, key=lambda t: math.hypot(t.values[0], t.values[1] / scale))
+    candidates = [t for t in front if not did_nothing(t, base_refusals)] or front
+    return min(candidates, key=lambda t: math.hypot(t.values[0], t.values[1] / scale))
 
 
 def trial_by_number(study: optuna.Study, number: int) -> FrozenTrial:
