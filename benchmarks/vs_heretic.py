@@ -23,7 +23,10 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-UPSTREAM_VENV = ROOT / "benchmarks" / ".venv-heretic-llm"
+# HERETIC_UPSTREAM_VENV points a checkout elsewhere (a git worktree) at an existing install.
+UPSTREAM_VENV = Path(
+    os.environ.get("HERETIC_UPSTREAM_VENV", ROOT / "benchmarks" / ".venv-heretic-llm")
+)
 DATA = ROOT.parent / "shared" / "data"
 SYSTEM_PROMPT = "You are a helpful assistant."
 

@@ -1,0 +1,201 @@
+"""Search quality, heretic vs upstream Heretic (heretic-llm 1.4.0): Pareto fronts at equal budgets.
+
+    python benchmarks/quality.py --model ORGANISM [--n-trials 20 50] [--workdir DIR]
+        [--skip-upstream] [--skip-ours] [--set search_space=tent ...] [--label NAME]
+
+Both tools run headless on the same organism with the same prompt files (directions from
+advbench_rest[:270] and harmless_train[:400]; refusals on advbench_rest[270:370]; KL on
+harmless_val[:100]), system prompt "You are a helpful assistant.", 100-token responses, batch
+size 32, seed 42 and trial count, and both judge refusals with the same marker list (upstream's
+defaults, read from its installed package). The setup is `vs_heretic.py`'s, reused here.
+
+For each trial count it prints each tool's Pareto front (refusals, KL) and, for every refusal
+count on upstream's front, the smallest KL our study reached at that many refusals or fewer.
+The issue's bar: at upstream's best (lowest) refusal count, our KL is at most half of upstream's
+(or we refuse less at equal KL). Results are kept as JSON under the work folder, so the tables
+can be printed again (`--skip-upstream --skip-ours`) without running anything.
+
+Set HERETIC_UPSTREAM_VENV to use an upstream install outside this checkout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from vs_heretic import (  # noqa: E402  (the sibling script, not a package)
+    UPSTREAM_VENV,
+    ensure_upstream,
+    our_trials,
+    run_measured,
+    toml_config,
+    upstream_markers,
+    upstream_trials,
+    write_prompts,
+)
+
+Point = tuple[float, int, int]
+"""(KL divergence, refusals, trial number) of one fully scored trial."""
+
+
+def upstream_points(workdir: Path) -> list[Point]:
+    return [
+        (float(t.user_attrs["kl_divergence"]), int(t.user_attrs["refusals"]), t.number)
+        for t in upstream_trials(workdir)
+        if t.state.name == "COMPLETE" and "refusals" in t.user_attrs
+    ]
+
+
+def our_points(output_dir: Path) -> list[Point]:
+    # Pruned trials only carry a refusal lower bound: they are not points.
+    return [
+        (float(t.user_attrs["kl_divergence"]), int(t.user_attrs["refusals"]), t.number)
+        for t in our_trials(output_dir)
+        if t.state.name == "COMPLETE"
+    ]
+
+
+def pareto(points: list[Point]) -> list[Point]:
+    """Non-dominated points, by refusals then KL."""
+    front = [
+        p
+        for p in points
+        if not any(q[0] <= p[0] and q[1] <= p[1] and (q[0] < p[0] or q[1] < p[1]) for q in points)
+    ]
+    unique = {(p[1], p[0]): p for p in front}
+    return [unique[k] for k in sorted(unique)]
+
+
+def best_kl_at(points: list[Point], refusals: int) -> Point | None:
+    """Our lowest-KL point with at most `refusals` refusals."""
+    eligible = [p for p in points if p[1] <= refusals]
+    return min(eligible, key=lambda p: p[0]) if eligible else None
+
+
+def run_upstream(model: str, n_trials: int, workdir: Path, prompts, markers, python: Path) -> None:
+    folder = workdir / f"upstream-{n_trials}"
+    subprocess.run(["rm", "-rf", str(folder)], check=True)
+    folder.mkdir(parents=True)
+    (folder / "config.toml").write_text(toml_config(model, n_trials, markers, prompts, {}))
+    print(f"running heretic-llm 1.4.0 ({n_trials} trials) in {folder} ...", flush=True)
+    wall, rss = run_measured([str(python.parent / "heretic")], folder, folder / "run.log")
+    points = upstream_points(folder)
+    (folder / "result.json").write_text(json.dumps({"wall": wall, "rss": rss, "points": points}))
+
+
+def run_ours(
+    model: str, n_trials: int, workdir: Path, prompts, markers, extra: dict, label: str
+) -> None:
+    folder = workdir / f"ours-{label}-{n_trials}"
+    subprocess.run(["rm", "-rf", str(folder)], check=True)
+    folder.mkdir(parents=True)
+    settings = {"select": "none", "output_dir": "out", **extra}
+    (folder / "config.toml").write_text(toml_config(model, n_trials, markers, prompts, settings))
+    print(f"running heretic ({n_trials} trials, {label}: {extra}) in {folder} ...", flush=True)
+    # `-m heretic.cli` with this interpreter: PYTHONPATH decides which source tree runs.
+    wall, rss = run_measured([sys.executable, "-m", "heretic.cli"], folder, folder / "run.log")
+    points = our_points(folder / "out")
+    (folder / "result.json").write_text(
+        json.dumps({"wall": wall, "rss": rss, "points": points, "settings": extra})
+    )
+
+
+def load(folder: Path) -> dict | None:
+    path = folder / "result.json"
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def front_text(points: list[Point]) -> str:
+    return ", ".join(f"{r} @ {kl:.3f} (#{n})" for kl, r, n in pareto(points)) or "none"
+
+
+def report(workdir: Path, n_trials: int, label: str) -> None:
+    up = load(workdir / f"upstream-{n_trials}")
+    ours = load(workdir / f"ours-{label}-{n_trials}")
+    print(f"\n### {n_trials} trials (ours: {label})\n")
+    if up is None or ours is None:
+        missing = [name for name, r in (("upstream", up), ("ours", ours)) if r is None]
+        print(f"no result yet for {', '.join(missing)}")
+        return
+    up_points = [tuple(p) for p in up["points"]]
+    our_pts = [tuple(p) for p in ours["points"]]
+    print(f"upstream front (refusals @ KL): {front_text(up_points)}")
+    print(f"our front      (refusals @ KL): {front_text(our_pts)}")
+    print(f"wall: upstream {up['wall']:.0f} s, ours {ours['wall']:.0f} s; "
+          f"scored trials: upstream {len(up_points)}, ours {len(our_pts)}")  # fmt: skip
+    print()
+    print("| upstream refusals | upstream KL | our best KL at <= refusals | ratio |")
+    print("| --- | --- | --- | --- |")
+    for kl, refusals, _ in pareto(up_points):
+        mine = best_kl_at(our_pts, refusals)
+        if mine is None:
+            print(f"| {refusals} | {kl:.3f} | none | - |")
+        else:
+            ratio = mine[0] / kl if kl > 0 else float("inf")
+            print(f"| {refusals} | {kl:.3f} | {mine[0]:.3f} ({mine[1]} refusals) | {ratio:.2f} |")
+    up_front = pareto(up_points)
+    if up_front:
+        kl, refusals, _ = up_front[0]
+        mine = best_kl_at(our_pts, refusals)
+        at_equal_kl = [p for p in our_pts if p[0] <= kl]
+        fewer = min((p[1] for p in at_equal_kl), default=None)
+        met = (mine is not None and mine[0] <= kl / 2) or (fewer is not None and fewer < refusals)
+        print(
+            f"\nbar (upstream's best refusal count {refusals} at KL {kl:.3f}): our KL there "
+            f"{'none' if mine is None else f'{mine[0]:.3f}'}; our fewest refusals at KL <= "
+            f"{kl:.3f}: {fewer if fewer is not None else 'none'} -> {'MET' if met else 'NOT MET'}"
+        )
+
+
+def parse_set(values: list[str]) -> dict:
+    extra = {}
+    for item in values:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise SystemExit(f"--set wants KEY=VALUE, got {item!r}")
+        try:
+            extra[key] = json.loads(value)
+        except json.JSONDecodeError:
+            extra[key] = value
+    return extra
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument("--model", required=True, help="model folder (the organism)")
+    ap.add_argument("--n-trials", type=int, nargs="+", default=[20, 50])
+    ap.add_argument("--workdir", type=Path, default=Path("/tmp/heretic-quality"))
+    ap.add_argument("--skip-upstream", action="store_true", help="reuse upstream's last run")
+    ap.add_argument("--skip-ours", action="store_true", help="reuse our last run")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="one of our settings for this run (repeatable)")  # fmt: skip
+    ap.add_argument("--label", default="default", help="name of our run (its folder)")
+    args = ap.parse_args()
+    model = str(Path(args.model).resolve())
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    prompts = write_prompts(args.workdir)
+    extra = parse_set(args.set)
+    python = UPSTREAM_VENV / "bin" / "python"
+    if not (args.skip_upstream and args.skip_ours):
+        python = ensure_upstream()
+    markers_file = args.workdir / "markers.json"
+    if not markers_file.exists():
+        markers_file.write_text(json.dumps(upstream_markers(ensure_upstream())))
+    markers = json.loads(markers_file.read_text())
+    for n in args.n_trials:
+        if not args.skip_upstream:
+            run_upstream(model, n, args.workdir, prompts, markers, python)
+        if not args.skip_ours:
+            run_ours(model, n, args.workdir, prompts, markers, extra, args.label)
+        report(args.workdir, n, args.label)
+
+
+if __name__ == "__main__":
+    main()
