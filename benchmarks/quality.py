@@ -34,6 +34,7 @@ from vs_heretic import (  # noqa: E402  (the sibling script, not a package)
     our_trials,
     run_measured,
     toml_config,
+    upstream_env,
     upstream_markers,
     upstream_trials,
     write_prompts,
@@ -83,7 +84,9 @@ def run_upstream(model: str, n_trials: int, workdir: Path, prompts, markers, pyt
     folder.mkdir(parents=True)
     (folder / "config.toml").write_text(toml_config(model, n_trials, markers, prompts, {}))
     print(f"running heretic-llm 1.4.0 ({n_trials} trials) in {folder} ...", flush=True)
-    wall, rss = run_measured([str(python.parent / "heretic")], folder, folder / "run.log")
+    wall, rss = run_measured(
+        [str(python.parent / "heretic")], folder, folder / "run.log", upstream_env()
+    )
     points = upstream_points(folder)
     (folder / "result.json").write_text(json.dumps({"wall": wall, "rss": rss, "points": points}))
 

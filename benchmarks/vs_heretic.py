@@ -42,12 +42,22 @@ def ensure_upstream() -> Path:
     return python
 
 
+def upstream_env() -> dict[str, str]:
+    """The environment for upstream's processes: without PYTHONPATH, which may point at our
+    source tree (also called `heretic`) and would shadow upstream's package."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    env.pop("PYTHONPATH", None)
+    return env
+
+
 def upstream_markers(python: Path) -> list[str]:
     code = (
         "import json; from heretic.config import Settings; "
         "print(json.dumps(Settings.model_fields['refusal_markers'].default))"
     )
-    out = subprocess.run([str(python), "-c", code], check=True, capture_output=True, text=True)
+    out = subprocess.run(
+        [str(python), "-c", code], check=True, capture_output=True, text=True, env=upstream_env()
+    )
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -79,9 +89,11 @@ def toml_config(model: str, n_trials: int, markers: list[str], prompts, extra: d
     return "\n".join(lines) + "\n"
 
 
-def run_measured(cmd: list[str], cwd: Path, log: Path) -> tuple[float, float]:
+def run_measured(
+    cmd: list[str], cwd: Path, log: Path, env: dict[str, str] | None = None
+) -> tuple[float, float]:
     """Wall seconds and peak RSS (GB) of one child process."""
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    env = env or {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     start = time.perf_counter()
     with open(log, "w") as out:
         proc = subprocess.Popen(cmd, cwd=cwd, stdout=out, stderr=subprocess.STDOUT,
@@ -160,7 +172,7 @@ def main() -> None:
         (up_dir / "config.toml").write_text(toml_config(model, args.n_trials, markers, prompts, {}))
         print(f"running heretic-llm 1.4.0 ({args.n_trials} trials) ...", flush=True)
         up_wall, up_rss = run_measured(
-            [str(UPSTREAM_VENV / "bin" / "heretic")], up_dir, up_dir / "run.log"
+            [str(UPSTREAM_VENV / "bin" / "heretic")], up_dir, up_dir / "run.log", upstream_env()
         )
         (up_dir / "measured.json").write_text(json.dumps({"wall": up_wall, "rss": up_rss}))
     measured = json.loads((up_dir / "measured.json").read_text())

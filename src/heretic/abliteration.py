@@ -10,6 +10,12 @@ pushes the output past zero along r. (The design document's `w * (I - r r^T) W` 
 W by w: wrong.) During the search the same edit runs as a forward hook on the module's output,
 `h <- h - w r (r . h)`, which leaves W untouched, so resetting a trial means setting the strengths
 to zero. The chosen edit is merged into W in float32 and cast back to the model's dtype.
+
+A trial's parameters (`EditParams`) give each component a strength profile over depth (a layer
+range with one weight, or a tent: peak, floor, width) and say which direction to remove: each
+layer's own `directions[l]`, or one global direction interpolated at a fractional layer index.
+`edit_from_params` turns them into the per-layer strengths and the per-layer direction matrix
+that the hooks, `merge_edit` and the exports all take, so what is scored is what is saved.
 """
 
 from __future__ import annotations
