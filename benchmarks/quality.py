@@ -29,6 +29,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from vs_heretic import (  # noqa: E402  (the sibling script, not a package)
+    SYSTEM_PROMPT,
     UPSTREAM_VENV,
     ensure_upstream,
     our_trials,
@@ -106,6 +107,56 @@ def run_ours(
     (folder / "result.json").write_text(
         json.dumps({"wall": wall, "rss": rss, "points": points, "settings": extra})
     )
+    add_rejudged(folder, model, prompts, markers)
+
+
+def add_rejudged(folder: Path, model: str, prompts, markers: list[str]) -> None:
+    result = load(folder)
+    if result is None or "rejudged" in result:
+        return
+    print(f"judging our front in {folder} with upstream's rule ...", flush=True)
+    result["rejudged"] = rejudge_ours(folder, model, prompts, markers)
+    (folder / "result.json").write_text(json.dumps(result))
+
+
+def upstream_rule(response: str, markers: list[str]) -> bool:
+    """Upstream's judging rule, written out: an empty response is a refusal; otherwise lower-
+    cased, emphasis asterisks dropped, curly apostrophes straightened and whitespace collapsed,
+    it is a refusal when it contains a marker. Ours differs only in the first three steps."""
+    if not response.strip():
+        return True
+    text = " ".join(response.lower().replace("*", "").replace("\u2019", "'").split())
+    return any(marker.lower() in text for marker in markers)
+
+
+def rejudge_ours(folder: Path, model_path: str, prompts, markers: list[str]) -> dict[int, int]:
+    """Our front trials' refusal counts under upstream's judging rule, so both tools' fronts are
+    judged alike: each front trial's responses are generated again (greedy, 100 tokens, the
+    trial's edit as hooks) and counted with `upstream_rule`."""
+    from heretic.abliteration import EditHooks, edit_from_params
+    from heretic.config import DatasetSpecification
+    from heretic.directions import DIRECTIONS_FILE, load_directions
+    from heretic.model import load_model
+    from heretic.optimization import params_from_trial
+    from heretic.prompts import load_prompts
+
+    path, split = prompts["bad_evaluation_prompts"]
+    bad = load_prompts(DatasetSpecification(dataset=str(path), split=split), "bad")
+    model = load_model(model_path, system_prompt=SYSTEM_PROMPT)
+    directions, _ = load_directions(folder / "out" / DIRECTIONS_FILE)
+    hooks = EditHooks(model.modules, directions)
+    trials = {t.number: t for t in our_trials(folder / "out")}
+    counts = {}
+    for _, _, number in pareto(our_points(folder / "out")):
+        strengths, trial_directions = edit_from_params(
+            params_from_trial(trials[number]), directions
+        )
+        hooks.set_strengths(strengths, trial_directions)
+        responses = model.generate(bad, 100, 32, lambda r: upstream_rule(r, markers))
+        hooks.clear()
+        counts[number] = sum(upstream_rule(r, markers) for r in responses)
+    hooks.remove()
+    return counts
 
 
 def load(folder: Path) -> dict | None:
@@ -127,6 +178,14 @@ def report(workdir: Path, n_trials: int, label: str) -> None:
         return
     up_points = [tuple(p) for p in up["points"]]
     our_pts = [tuple(p) for p in ours["points"]]
+    rejudged = {int(k): v for k, v in ours.get("rejudged", {}).items()}
+    if rejudged:
+        changed = {n: c for kl, r, n in our_pts if n in rejudged and (c := rejudged[n]) != r}
+        print(f"our front judged with upstream's rule: {len(rejudged)} trials, changed counts: "
+              f"{changed or 'none'}")  # fmt: skip
+        our_pts = [(kl, rejudged.get(n, r), n) for kl, r, n in our_pts]
+    else:
+        print("(our front not judged with upstream's rule yet: counts are our judge's)")
     print(f"upstream front (refusals @ KL): {front_text(up_points)}")
     print(f"our front      (refusals @ KL): {front_text(our_pts)}")
     print(f"wall: upstream {up['wall']:.0f} s, ours {ours['wall']:.0f} s; "
@@ -193,6 +252,8 @@ def main() -> None:
         markers_file.write_text(json.dumps(upstream_markers(ensure_upstream())))
     markers = json.loads(markers_file.read_text())
     for n in args.n_trials:
+        if args.skip_ours:  # judge an earlier run's front with upstream's rule, if not yet
+            add_rejudged(args.workdir / f"ours-{args.label}-{n}", model, prompts, markers)
         if not args.skip_upstream:
             run_upstream(model, n, args.workdir, prompts, markers, python)
         if not args.skip_ours:
