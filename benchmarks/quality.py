@@ -168,8 +168,11 @@ def front_text(points: list[Point]) -> str:
     return ", ".join(f"{r} @ {kl:.3f} (#{n})" for kl, r, n in pareto(points)) or "none"
 
 
-def report(workdir: Path, n_trials: int, label: str) -> None:
+def report(workdir: Path, n_trials: int, label: str, recorded: list[Point] | None = None) -> None:
     up = load(workdir / f"upstream-{n_trials}")
+    if recorded:
+        print(f"(upstream: the recorded front given with --upstream-points, {n_trials} trials)")
+        up = {"wall": float("nan"), "points": recorded}
     ours = load(workdir / f"ours-{label}-{n_trials}")
     print(f"\n### {n_trials} trials (ours: {label})\n")
     if up is None or ours is None:
@@ -239,11 +242,18 @@ def main() -> None:
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="one of our settings for this run (repeatable)")  # fmt: skip
     ap.add_argument("--label", default="default", help="name of our run (its folder)")
+    ap.add_argument("--upstream-points", default="",
+                    help="compare with a recorded upstream front instead of a run: "
+                    "'REFUSALS@KL,...' (with --skip-upstream and one --n-trials)")  # fmt: skip
     args = ap.parse_args()
     model = str(Path(args.model).resolve())
     args.workdir.mkdir(parents=True, exist_ok=True)
     prompts = write_prompts(args.workdir)
     extra = parse_set(args.set)
+    recorded = [
+        (float(kl), int(refusals), -1)
+        for refusals, kl in (item.split("@") for item in args.upstream_points.split(",") if item)
+    ]
     python = UPSTREAM_VENV / "bin" / "python"
     if not (args.skip_upstream and args.skip_ours):
         python = ensure_upstream()
@@ -258,7 +268,7 @@ def main() -> None:
             run_upstream(model, n, args.workdir, prompts, markers, python)
         if not args.skip_ours:
             run_ours(model, n, args.workdir, prompts, markers, extra, args.label)
-        report(args.workdir, n, args.label)
+        report(args.workdir, n, args.label, recorded)
 
 
 if __name__ == "__main__":
