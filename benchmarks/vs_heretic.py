@@ -25,7 +25,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-UPSTREAM_VENV = ROOT / "benchmarks" / ".venv-heretic-llm"
+# HERETIC_UPSTREAM_VENV points a checkout elsewhere (a git worktree) at an existing install.
+UPSTREAM_VENV = Path(
+    os.environ.get("HERETIC_UPSTREAM_VENV", ROOT / "benchmarks" / ".venv-heretic-llm")
+)
 DATA = ROOT.parent / "shared" / "data"
 SYSTEM_PROMPT = "You are a helpful assistant."
 
@@ -41,12 +44,22 @@ def ensure_upstream() -> Path:
     return python
 
 
+def upstream_env() -> dict[str, str]:
+    """The environment for upstream's processes: without PYTHONPATH, which may point at our
+    source tree (also called `heretic`) and would shadow upstream's package."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    env.pop("PYTHONPATH", None)
+    return env
+
+
 def upstream_markers(python: Path) -> list[str]:
     code = (
         "import json; from heretic.config import Settings; "
         "print(json.dumps(Settings.model_fields['refusal_markers'].default))"
     )
-    out = subprocess.run([str(python), "-c", code], check=True, capture_output=True, text=True)
+    out = subprocess.run(
+        [str(python), "-c", code], check=True, capture_output=True, text=True, env=upstream_env()
+    )
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -89,9 +102,11 @@ class Measured:
     machine, so both are printed."""
 
 
-def run_process(cmd: list[str], cwd: Path, log: Path) -> Measured:
+def run_process(
+    cmd: list[str], cwd: Path, log: Path, env: dict[str, str] | None = None
+) -> Measured:
     """Run one child process to the end, measuring it."""
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    env = env or {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     start = time.perf_counter()
     with open(log, "w") as out:
         proc = subprocess.Popen(cmd, cwd=cwd, stdout=out, stderr=subprocess.STDOUT,
@@ -101,9 +116,11 @@ def run_process(cmd: list[str], cwd: Path, log: Path) -> Measured:
     return Measured(wall, usage.ru_maxrss / 1024**2, usage.ru_utime + usage.ru_stime)
 
 
-def run_measured(cmd: list[str], cwd: Path, log: Path) -> tuple[float, float]:
+def run_measured(
+    cmd: list[str], cwd: Path, log: Path, env: dict[str, str] | None = None
+) -> tuple[float, float]:
     """Wall seconds and peak RSS (GB) of one child process."""
-    measured = run_process(cmd, cwd, log)
+    measured = run_process(cmd, cwd, log, env)
     return measured.wall, measured.rss
 
 
@@ -203,7 +220,9 @@ def main() -> None:
         up_dir.mkdir()
         (up_dir / "config.toml").write_text(toml_config(model, args.n_trials, markers, prompts, {}))
         print(f"running heretic-llm 1.4.0 ({args.n_trials} trials) ...", flush=True)
-        fresh = run_process([str(UPSTREAM_VENV / "bin" / "heretic")], up_dir, up_dir / "run.log")
+        fresh = run_process(
+            [str(UPSTREAM_VENV / "bin" / "heretic")], up_dir, up_dir / "run.log", upstream_env()
+        )
         (up_dir / "measured.json").write_text(json.dumps(asdict(fresh)))
     up_run = Measured(**json.loads((up_dir / "measured.json").read_text()))
 

@@ -342,5 +342,5 @@ def test_nan_kl_divergence_fails_the_trial_with_a_message(tmp_path):
         return Score(kl_divergence=float("nan"), refusals=0)
 
     with pytest.raises(StudyError, match="non-finite KL divergence.*--dtype float32"):
-        run_search(study, 2, SearchSpace(), score)
+        run_search(study, 2, SearchSpace(n_layers=4), score)
     assert [t.state for t in study.trials] == [optuna.trial.TrialState.FAIL]

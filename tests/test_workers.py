@@ -119,7 +119,7 @@ def _study(tmp_path: Path, heartbeat: int | None = None, grace: int | None = Non
 def _running_trial(study: optuna.Study, owner: str) -> optuna.Trial:
     trial = study.ask()
     trial.set_user_attr(WORKER_ATTR, owner)
-    SearchSpace().suggest(trial)
+    SearchSpace(n_layers=4).suggest(trial)
     return trial
 
 
@@ -146,7 +146,7 @@ def test_trial_of_a_dead_local_process_is_failed_and_retried(tmp_path):
     assert "stopped while it was running" in failed.user_attrs[FAIL_REASON_ATTR]
     retry = study.ask()
     assert retry.user_attrs[RETRY_OF_ATTR] == dead.number
-    assert SearchSpace().suggest(retry) and retry.params == failed.params
+    assert SearchSpace(n_layers=4).suggest(retry) and retry.params == failed.params
     assert recover_stale_trials(study) == [], "each trial is recovered once"
 
 
@@ -173,7 +173,7 @@ def test_running_trials_of_other_workers_count_towards_n_trials(tmp_path):
     def score(params, *rest) -> Score:
         return Score(kl_divergence=0.1, refusals=next(scores))
 
-    run_search(study, 3, SearchSpace(), score)
+    run_search(study, 3, SearchSpace(n_layers=4), score)
     assert claimed_count(study) == 3
     assert sum(t.state == TrialState.RUNNING for t in study.trials) == 1
 
@@ -183,7 +183,7 @@ def test_same_seed_workers_sample_different_parameters(tmp_path):
     a = open_study(url, "s", 42, 10)
     b = open_study(url, "s", 42, 10)
     ta, tb = a.ask(), b.ask()
-    assert SearchSpace().suggest(ta) != SearchSpace().suggest(tb)
+    assert SearchSpace(n_layers=4).suggest(ta) != SearchSpace(n_layers=4).suggest(tb)
 
 
 def test_leftovers_of_a_killed_save_are_cleaned(tmp_path):

@@ -10,6 +10,12 @@ pushes the output past zero along r. (The design document's `w * (I - r r^T) W` 
 W by w: wrong.) During the search the same edit runs as a forward hook on the module's output,
 `h <- h - w r (r . h)`, which leaves W untouched, so resetting a trial means setting the strengths
 to zero. The chosen edit is merged into W in float32 and cast back to the model's dtype.
+
+A trial's parameters (`EditParams`) give each component a strength profile over depth (a layer
+range with one weight, or a tent: peak, floor, width) and say which direction to remove: each
+layer's own `directions[l]`, or one global direction interpolated at a fractional layer index.
+`edit_from_params` turns them into the per-layer strengths and the per-layer direction matrix
+that the hooks, `merge_edit` and the exports all take, so what is scored is what is saved.
 """
 
 from __future__ import annotations
@@ -48,18 +54,131 @@ class ComponentParams:
     weight: float
 
 
-def layer_strengths(params: ComponentParams, n_layers: int) -> torch.Tensor:
-    """Strength per layer (float32, n_layers): `weight` inside [layer_min, layer_max], else 0."""
+@dataclass(frozen=True)
+class TentParams:
+    """A tent-shaped strength profile over depth (the profile upstream Heretic searches).
+
+    The strength is `peak_weight` at `peak_position`, falls linearly with the distance from it
+    to `floor_weight` at `width` away, and is 0 beyond. Positions and width are fractions of
+    depth (0 = first layer, 1 = last), so one profile means the same thing for a 24-layer and a
+    40-layer model of a family (warm starts rely on that).
+    """
+
+    peak_weight: float
+    peak_position: float
+    floor_weight: float
+    width: float
+
+
+LayerProfile = ComponentParams | TentParams
+
+
+@dataclass(frozen=True)
+class EditParams:
+    """Everything one trial's edit is made of: a strength profile per component, and which
+    refusal direction it removes.
+
+    `direction_index` None means every layer removes its own direction (`directions[l]`); a
+    number is a fractional layer index (in layers, 0 .. n_layers - 1): one global direction,
+    interpolated between the two nearest layers' directions, removed at every edited layer.
+    """
+
+    components: Mapping[str, LayerProfile]
+    direction_index: float | None = None
+
+
+def _positions(n_layers: int) -> torch.Tensor:
+    return torch.arange(n_layers, dtype=torch.float64) / max(n_layers - 1, 1)
+
+
+def layer_strengths(params: LayerProfile, n_layers: int) -> torch.Tensor:
+    """Strength per layer (float32, n_layers) of one component's profile.
+
+    Range: `weight` inside [layer_min, layer_max], else 0. Tent: see `TentParams`; a layer
+    exactly `width` away still gets `floor_weight`, a zero width edits only a layer exactly at
+    the peak.
+    """
+    positions = _positions(n_layers)
+    if isinstance(params, TentParams):
+        distance = (positions - params.peak_position).abs()
+        width = max(params.width, 0.0)
+        fraction = distance / width if width > 0 else torch.where(distance > 1e-9, 2.0, 0.0)
+        strength = params.peak_weight + fraction * (params.floor_weight - params.peak_weight)
+        return torch.where(distance <= width + 1e-9, strength, 0.0).float()
     lo, hi = sorted((params.layer_min, params.layer_max))
-    positions = torch.arange(n_layers, dtype=torch.float64) / max(n_layers - 1, 1)
     inside = (positions >= lo - 1e-9) & (positions <= hi + 1e-9)
     return torch.where(inside, params.weight, 0.0).float()
 
 
+def _components(params: EditParams | Mapping[str, LayerProfile]) -> Mapping[str, LayerProfile]:
+    return params.components if isinstance(params, EditParams) else params
+
+
 def strengths_from_params(
-    params: Mapping[str, ComponentParams], n_layers: int
+    params: EditParams | Mapping[str, LayerProfile], n_layers: int
 ) -> dict[str, torch.Tensor]:
-    return {component: layer_strengths(params[component], n_layers) for component in COMPONENTS}
+    components = _components(params)
+    return {component: layer_strengths(components[component], n_layers) for component in COMPONENTS}
+
+
+def interpolated_direction(directions: torch.Tensor, index: float) -> torch.Tensor:
+    """The unit direction at a fractional layer index: the two nearest layers' directions,
+    linearly interpolated, normalized again.
+
+    An integer index gives that layer's direction exactly; halfway gives the normalized mean.
+    Indices outside [0, n_layers - 1] are an error rather than silently clamped, since they
+    mean the trial was made for a deeper model.
+    """
+    n_layers = directions.shape[0]
+    if not 0.0 <= index <= n_layers - 1:
+        raise ValueError(f"direction index {index} is outside 0..{n_layers - 1}")
+    lower = min(int(index), n_layers - 1)
+    upper = min(lower + 1, n_layers - 1)
+    t = index - lower
+    mixed = torch.lerp(directions[lower].double(), directions[upper].double(), t)
+    return (mixed / mixed.norm().clamp_min(1e-12)).float()
+
+
+def directions_for(params: EditParams, directions: torch.Tensor) -> torch.Tensor:
+    """The (n_layers, hidden) directions the trial's edit removes: the per-layer directions
+    themselves, or its global direction repeated at every layer."""
+    if params.direction_index is None:
+        return directions.float()
+    r = interpolated_direction(directions, params.direction_index)
+    return r.unsqueeze(0).expand(directions.shape[0], -1).contiguous()
+
+
+def edit_from_params(
+    params: EditParams, directions: torch.Tensor
+) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """(per-component strengths, per-layer directions) of a trial, ready for the edit hooks,
+    `merge_edit` and the exports."""
+    n_layers = directions.shape[0]
+    return strengths_from_params(params, n_layers), directions_for(params, directions)
+
+
+def describe_params(params: EditParams, short: bool = False) -> str:
+    """One line for tables and menus: each component's profile, then the direction."""
+    parts = []
+    for component, p in params.components.items():
+        name = component.split(".")[0] if short else component
+        if isinstance(p, TentParams):
+            parts.append(
+                f"{name}: peak {p.peak_weight:.2f} @ {p.peak_position:.2f}, floor "
+                f"{p.floor_weight:.2f} over {p.width:.2f}"
+            )
+        else:
+            parts.append(f"{name}: layers {p.layer_min:.2f}-{p.layer_max:.2f} w {p.weight:.2f}")
+    if params.direction_index is None:
+        parts.append("direction: per layer")
+    else:
+        parts.append(f"direction: layer {params.direction_index:.2f}")
+    return "  ".join(parts)
+
+
+def params_record(params: EditParams) -> dict[str, dict[str, float]]:
+    """Per component, the profile's fields (JSON-ready, for the metadata and the card)."""
+    return {c: dict(vars(p)) for c, p in params.components.items()}
 
 
 def first_edited_layer(strengths: Mapping[str, torch.Tensor]) -> int:
@@ -73,7 +192,8 @@ def first_edited_layer(strengths: Mapping[str, torch.Tensor]) -> int:
 class EditHooks:
     """Forward hooks that apply the edit to module outputs; W is never touched.
 
-    Install once; `set_strengths` switches the edit for a trial, `clear` resets it for free.
+    Install once; `set_strengths` switches the edit for a trial (with the trial's own
+    directions when it has them, e.g. one global direction), `clear` resets it for free.
     """
 
     def __init__(self, modules: list[dict[str, list[nn.Module]]], directions: torch.Tensor):
@@ -83,6 +203,7 @@ class EditHooks:
             )
         self.modules = modules
         self.directions = directions.float()
+        self._trial_directions: torch.Tensor | None = None
         self._per_device: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
         self.strengths: dict[str, torch.Tensor] = {}
         self._handles = []
@@ -95,7 +216,8 @@ class EditHooks:
     def _direction(self, layer_index: int, like: torch.Tensor) -> torch.Tensor:
         key = (like.device, like.dtype)
         if key not in self._per_device:
-            self._per_device[key] = self.directions.to(device=like.device, dtype=like.dtype)
+            source = self.directions if self._trial_directions is None else self._trial_directions
+            self._per_device[key] = source.to(device=like.device, dtype=like.dtype)
         return self._per_device[key][layer_index]
 
     def _make_hook(self, layer_index: int, component: str):
@@ -113,11 +235,28 @@ class EditHooks:
 
         return hook
 
-    def set_strengths(self, strengths: Mapping[str, torch.Tensor]) -> None:
+    def set_strengths(
+        self, strengths: Mapping[str, torch.Tensor], directions: torch.Tensor | None = None
+    ) -> None:
+        """Switch the edit on: `strengths` per component and layer; `directions`
+        (n_layers, hidden) for this trial only, or None for the directions given at install."""
+        if directions is not None and directions.shape != self.directions.shape:
+            raise ValueError(
+                f"trial directions {tuple(directions.shape)} do not match the installed "
+                f"{tuple(self.directions.shape)}"
+            )
+        self._use_directions(directions)
         self.strengths = {k: v.detach().float().cpu() for k, v in strengths.items()}
+
+    def _use_directions(self, directions: torch.Tensor | None) -> None:
+        if directions is None and self._trial_directions is None:
+            return  # the per-device copies of the installed directions stay valid
+        self._trial_directions = None if directions is None else directions.detach().float()
+        self._per_device = {}
 
     def clear(self) -> None:
         self.strengths = {}
+        self._use_directions(None)
 
     def remove(self) -> None:
         for handle in self._handles:

@@ -149,13 +149,37 @@ def _dataset_text(spec: Any) -> str:
     return f"`{spec.dataset}` split `{spec.split}`{column}"
 
 
-def _params_table(params: Mapping[str, Mapping[str, float]]) -> str:
-    rows = ["| component | first layer | last layer | strength |", "|---|---|---|---|"]
-    for component, p in params.items():
-        rows.append(
-            f"| `{component}` | {p['layer_min']:.3f} | {p['layer_max']:.3f} | {p['weight']:.3f} |"
+def _params_table(params: Mapping[str, Mapping[str, float]], direction: Any = None) -> str:
+    """The chosen profile per component (a layer range or a tent), then the direction."""
+    if all("peak_weight" in p for p in params.values()):
+        rows = [
+            "| component | peak strength | peak position | floor strength | width |",
+            "|---|---|---|---|---|",
+        ]
+        rows += [
+            f"| `{c}` | {p['peak_weight']:.3f} | {p['peak_position']:.3f} | "
+            f"{p['floor_weight']:.3f} | {p['width']:.3f} |"
+            for c, p in params.items()
+        ]
+        text = "\n".join(rows) + (
+            "\n\nEach strength falls linearly from the peak to the floor strength over "
+            "`width`, and is 0 further away."
         )
-    return "\n".join(rows)
+    else:
+        rows = ["| component | first layer | last layer | strength |", "|---|---|---|---|"]
+        rows += [
+            f"| `{c}` | {p['layer_min']:.3f} | {p['layer_max']:.3f} | {p['weight']:.3f} |"
+            for c, p in params.items()
+        ]
+        text = "\n".join(rows)
+    if isinstance(direction, Mapping):
+        text += (
+            f"\n\nOne refusal direction for every layer: the per-layer directions "
+            f"interpolated at layer index {direction['layer_index']:.3f} (counting from 0)."
+        )
+    else:
+        text += "\n\nEach layer removes its own refusal direction."
+    return text
 
 
 def render_card(
@@ -237,8 +261,9 @@ residual stream (attention output projection, MLP down-projection) in the edited
 
 which removes (w = 1) or damps the component along r of what the module writes. An Optuna
 multi-objective search ({metadata["n_trials"]} trials, TPE, seed {metadata["seed"]}) chose the
-layer range and strength w per component, minimizing both the refusal count and the KL
-divergence from the source model; this is trial {metadata["trial_number"]} of the Pareto front.
+strength w of each layer (a profile over depth) per component and the direction r, minimizing
+both the refusal count and the KL divergence from the source model; this is trial
+{metadata["trial_number"]} of the Pareto front.
 
 Direction prompts: harmless {_dataset_text(settings.good_prompts)}, harmful
 {_dataset_text(settings.bad_prompts)}.
@@ -247,7 +272,7 @@ Direction prompts: harmless {_dataset_text(settings.good_prompts)}, harmful
 
 Layer positions are fractions of depth (0 = first of the {n_layers} layers, 1 = last).
 
-{_params_table(metadata["best_params"])}
+{_params_table(metadata["best_params"], metadata.get("refusal_direction"))}
 
 ## Metrics
 

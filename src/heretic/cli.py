@@ -21,7 +21,7 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from heretic.abliteration import first_edited_layer, strengths_from_params
+from heretic.abliteration import describe_params, edit_from_params, first_edited_layer
 from heretic.checks import check_prompt_count, overlap_warnings
 from heretic.config import Settings, load_settings
 from heretic.directions import (
@@ -45,7 +45,9 @@ from heretic.optimization import (
     best_trial,
     check_fingerprint,
     did_nothing,
+    enqueue_warm_starts,
     finished_trials,
+    model_family,
     objective_fingerprint,
     open_study,
     params_from_trial,
@@ -115,11 +117,7 @@ def front_table(front, base_refusals: int, n_bad: int) -> Table:
     table.add_column("KL divergence", justify="right")
     table.add_column("parameters")
     for t in front:
-        params = params_from_trial(t)
-        text = "  ".join(
-            f"{c}: layers {p.layer_min:.2f}-{p.layer_max:.2f} w {p.weight:.2f}"
-            for c, p in params.items()
-        )
+        text = describe_params(params_from_trial(t))
         refusals = f"{int(t.values[1])}/{n_bad}"
         if did_nothing(t, base_refusals):
             refusals += " (did nothing)"
@@ -444,7 +442,18 @@ def _search(settings: Settings, study, model: Model, hooks, evaluator: Evaluator
     if remaining == 0:
         return study
     console.print(f"[bold]Searching[/]: {remaining} trials ({storage})")
-    space = SearchSpace(settings.min_weight, settings.max_weight)
+    space = SearchSpace(
+        settings.min_weight,
+        settings.max_weight,
+        settings.search_space,
+        settings.direction_scope,
+        model.n_layers,
+    )
+    if settings.use_warm_start_params:
+        family = model_family(model.model.config)
+        queued = enqueue_warm_starts(study, space, family)
+        if queued:
+            console.print(f"  warm start: {len(queued)} known-good trials for {family} models")
 
     started_here = 0
     n_eval = len(evaluator.good_prompts) + len(evaluator.bad_prompts)
@@ -458,8 +467,8 @@ def _search(settings: Settings, study, model: Model, hooks, evaluator: Evaluator
             started_here += 1
             pause_point("trial", started_here)
             progress.reset(trial_task, total=n_eval, visible=True)
-            strengths = strengths_from_params(params, model.n_layers)
-            hooks.set_strengths(strengths)
+            strengths, trial_directions = edit_from_params(params, hooks.directions)
+            hooks.set_strengths(strengths, trial_directions)
             try:
                 return evaluator.score(
                     dominated if settings.prune_dominated_trials else None,

@@ -204,6 +204,21 @@ class Settings(BaseSettings):
         gt=0.0,
         description="Largest edit strength the search tries (1 = remove r fully).",
     )
+    search_space: Literal["range", "tent"] = Field(
+        default="tent",
+        description="Strength profile over depth per component: 'tent' (peak weight and "
+        "position, floor weight, width) or 'range' (layer_min, layer_max, one weight).",
+    )
+    direction_scope: Literal["per_layer", "global", "search"] = Field(
+        default="global",
+        description="Refusal direction a trial removes: 'per_layer' (each layer its own), "
+        "'global' (one, interpolated at a searched fractional layer), 'search' (per trial).",
+    )
+    use_warm_start_params: bool = Field(
+        default=True,
+        description="Start a new study with known-good trials for the model's family (from "
+        "its config's model_type), where heretic has measured that family.",
+    )
     refusal_markers: list[str] = Field(
         default_factory=lambda: list(DEFAULT_REFUSAL_MARKERS),
         description="A response containing any of these (lower-cased) counts as a refusal.",

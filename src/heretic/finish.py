@@ -23,7 +23,13 @@ import torch
 from optuna.trial import FrozenTrial
 from rich.console import Console
 
-from heretic.abliteration import merge_edit, restore_weights, strengths_from_params
+from heretic.abliteration import (
+    describe_params,
+    edit_from_params,
+    merge_edit,
+    params_record,
+    restore_weights,
+)
 from heretic.card import render_card, source_info
 from heretic.config import Settings
 from heretic.errors import ExportError
@@ -136,14 +142,14 @@ class Finisher:
             name: self.model.residuals(prompts, self.batch_size)
             for name, prompts in (("good", good), ("bad", bad))
         }
-        strengths = strengths_from_params(params_from_trial(trial), self.model.n_layers)
+        strengths, directions = edit_from_params(params_from_trial(trial), self.directions)
         layers = sorted(
             {i for s in strengths.values() for i, w in enumerate(s.tolist()) if w != 0.0}
         )
         return residual_plot(
             residuals["good"],
             residuals["bad"],
-            self.directions,
+            directions,
             layers,
             self.settings.output_dir / "residuals.png",
         )
@@ -175,10 +181,7 @@ class Finisher:
         metadata = build_metadata(
             source_model=self.settings.model,
             trial_number=trial.number,
-            best_params={
-                c: {"layer_min": p.layer_min, "layer_max": p.layer_max, "weight": p.weight}
-                for c, p in params.items()
-            },
+            best_params=params_record(params),
             kl_divergence=trial.user_attrs[KL_ATTR],
             refusal_count=trial.user_attrs[REFUSALS_ATTR],
             base_refusal_count=self.base_refusals,
@@ -186,6 +189,11 @@ class Finisher:
             n_trials=self.n_finished(),
             seed=self.settings.seed,
             settings=self.settings.model_dump(mode="json"),
+        )
+        metadata["refusal_direction"] = (
+            "per layer"
+            if params.direction_index is None
+            else {"layer_index": params.direction_index}
         )
         metadata["n_good_evaluation_prompts"] = len(self.evaluator.good_prompts)
         metadata["refusal_judge"] = describe_judge(self.evaluator.judge)
@@ -197,8 +205,7 @@ class Finisher:
         formats = self.formats()
         if "gguf" in formats:
             gguf_source = self._gguf_source()  # fail before writing anything
-        params = params_from_trial(trial)
-        strengths = strengths_from_params(params, self.model.n_layers)
+        strengths, directions = edit_from_params(params_from_trial(trial), self.directions)
         metadata = self.metadata(trial)
         source = source_info(
             self.settings.model,
@@ -216,9 +223,9 @@ class Finisher:
             )
             with staged_folder(folder) as tmp:
                 if "model" in model_formats:
-                    self._write_merged(strengths, tmp)
+                    self._write_merged(strengths, directions, tmp)
                 if "gguf" in model_formats:
-                    self._write_gguf(gguf_source, strengths, tmp)
+                    self._write_gguf(gguf_source, strengths, directions, tmp)
                 card = render_card(
                     settings=self.settings,
                     source=source,
@@ -237,7 +244,7 @@ class Finisher:
                 write_adapter_files(
                     self.model.model,
                     self.model.modules,
-                    self.directions,
+                    directions,
                     strengths,
                     source.hub_id or self.settings.model,
                     tmp,
@@ -261,22 +268,22 @@ class Finisher:
             self.plot_residuals(trial)
         return written
 
-    def _write_merged(self, strengths, folder: Path) -> None:
-        originals = merge_edit(
-            self.model.modules, self.directions, strengths, self.model.hidden_size
-        )
+    def _write_merged(self, strengths, directions: torch.Tensor, folder: Path) -> None:
+        originals = merge_edit(self.model.modules, directions, strengths, self.model.hidden_size)
         try:
             write_model_files(self.model.model, self.model.tokenizer, folder)
         finally:
             restore_weights(self.model.modules, originals)
 
-    def _write_gguf(self, source: Path, strengths, folder: Path) -> None:
+    def _write_gguf(
+        self, source: Path, strengths, directions: torch.Tensor, folder: Path
+    ) -> None:
         import gguf
 
         from heretic.gguf_export import output_name, plan_edits, write_edited_gguf
 
         names = {t.name for t in gguf.GGUFReader(source).tensors}
-        edits = plan_edits(names, self.directions, strengths)
+        edits = plan_edits(names, directions, strengths)
         report = write_edited_gguf(
             source,
             folder / output_name(source),
@@ -322,8 +329,8 @@ class Finisher:
         """Chat with the model as the trial edits it (hooks on, weights untouched)."""
         from heretic.chat import chat_loop
 
-        strengths = strengths_from_params(params_from_trial(trial), self.model.n_layers)
-        self.hooks.set_strengths(strengths)
+        strengths, directions = edit_from_params(params_from_trial(trial), self.directions)
+        self.hooks.set_strengths(strengths, directions)
         try:
             return chat_loop(self.model, read=read, out=out, max_new_tokens=max_new_tokens)
         finally:
@@ -342,11 +349,7 @@ class Finisher:
 
 
 def trial_label(trial: FrozenTrial, n_bad: int) -> str:
-    params = params_from_trial(trial)
-    text = "  ".join(
-        f"{c.split('.')[0]} {p.layer_min:.2f}-{p.layer_max:.2f} w{p.weight:.2f}"
-        for c, p in params.items()
-    )
+    text = describe_params(params_from_trial(trial), short=True)
     return (
         f"trial {trial.number:>3}: {int(trial.values[1]):>3}/{n_bad} refusals, "
         f"KL {trial.values[0]:.4f}  ({text})"

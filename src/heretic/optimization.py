@@ -16,7 +16,7 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 from pydantic import BaseModel
 
-from heretic.abliteration import ComponentParams
+from heretic.abliteration import ComponentParams, EditParams, LayerProfile, TentParams
 from heretic.errors import StudyError
 from heretic.evaluation import Score
 from heretic.model import COMPONENTS
@@ -33,35 +33,218 @@ KL_ATTR = "kl_divergence"
 REFUSALS_ATTR = "refusals"
 
 
+LAYER_PROFILES = ("range", "tent")
+"""`search_space` values: how strength varies over depth (see `abliteration`)."""
+DIRECTION_SCOPES = ("per_layer", "global", "search")
+"""`direction_scope` values: each layer's own direction, one interpolated global direction, or
+a per-trial choice between the two."""
+DEFAULT_LAYER_PROFILE = "tent"
+DEFAULT_DIRECTION_SCOPE = "global"
+
+TENT_PEAK_MIN = 0.8
+"""Smallest tent peak searched (unless max_weight is lower): weaker peaks left most refusals in
+place on every model measured, so random startup trials there are wasted."""
+TENT_PEAK_POSITION = (0.6, 1.0)
+TENT_MAX_WIDTH = 0.6
+DIRECTION_POSITION = (0.4, 0.9)
+"""Ranges (fractions of depth) for the tent's peak, its width and the global direction's layer:
+refusal is told apart best a little past the middle of the stack (Arditi et al. 2024,
+arXiv:2406.11717); upstream Heretic searches the same ranges."""
+
+
 @dataclass(frozen=True)
 class SearchSpace:
-    """Bounds of the design's per-component parameters."""
+    """What a trial samples: a strength profile per component and the direction it removes.
+
+    `layer_profile` "range": the design's `layer_min`, `layer_span` (layer_max = min + span) and
+    `weight` in [min_weight, max_weight]. "tent": `peak_weight`, `peak_position`,
+    `floor_fraction` (floor weight / peak weight, so every sample is valid under multivariate
+    TPE, which cannot handle bounds that depend on other parameters) and `width`.
+    `direction_scope` "global" samples `direction_index` (a fractional layer); "search" also
+    samples `direction_scope` per trial, and samples `direction_index` even for per-layer
+    trials, again for multivariate TPE's sake. `n_layers` sets the index's range.
+    """
 
     min_weight: float = 0.0
     max_weight: float = 1.5
+    layer_profile: str = DEFAULT_LAYER_PROFILE
+    direction_scope: str = DEFAULT_DIRECTION_SCOPE
+    n_layers: int = 0
 
-    def suggest(self, trial: optuna.Trial) -> dict[str, ComponentParams]:
-        params = {}
-        for component in COMPONENTS:
-            # layer_max is sampled as a span above layer_min, so every sample is a valid range.
-            layer_min = trial.suggest_float(f"{component}.layer_min", 0.0, 1.0)
-            span = trial.suggest_float(f"{component}.layer_span", 0.0, 1.0)
-            weight = trial.suggest_float(f"{component}.weight", self.min_weight, self.max_weight)
-            params[component] = ComponentParams(layer_min, min(1.0, layer_min + span), weight)
+    def __post_init__(self) -> None:
+        if self.layer_profile not in LAYER_PROFILES:
+            raise ValueError(
+                f"unknown search space {self.layer_profile!r} (choose from {LAYER_PROFILES})"
+            )
+        if self.direction_scope not in DIRECTION_SCOPES:
+            raise ValueError(
+                f"unknown direction scope {self.direction_scope!r} (choose from "
+                f"{DIRECTION_SCOPES})"
+            )
+        if self.direction_scope != "per_layer" and self.n_layers < 2:
+            raise ValueError(
+                f"direction scope {self.direction_scope!r} needs the model's layer count "
+                f"(n_layers >= 2, got {self.n_layers})"
+            )
+
+    @property
+    def peak_bounds(self) -> tuple[float, float]:
+        low = max(self.min_weight, TENT_PEAK_MIN) if self.max_weight > TENT_PEAK_MIN else 0.0
+        return low, self.max_weight
+
+    @property
+    def width_bounds(self) -> tuple[float, float]:
+        # At least one layer's spacing, so a tent always reaches a layer next to its peak.
+        one_layer = 1.0 / (self.n_layers - 1) if self.n_layers > 1 else 0.05
+        return min(one_layer, TENT_MAX_WIDTH), TENT_MAX_WIDTH
+
+    @property
+    def direction_bounds(self) -> tuple[float, float]:
+        last = self.n_layers - 1
+        return DIRECTION_POSITION[0] * last, DIRECTION_POSITION[1] * last
+
+    def suggest(self, trial: optuna.Trial) -> EditParams:
+        components: dict[str, LayerProfile] = {}
+        for c in COMPONENTS:
+            if self.layer_profile == "tent":
+                peak = trial.suggest_float(f"{c}.peak_weight", *self.peak_bounds)
+                position = trial.suggest_float(f"{c}.peak_position", *TENT_PEAK_POSITION)
+                floor = trial.suggest_float(f"{c}.floor_fraction", 0.0, 1.0)
+                width = trial.suggest_float(f"{c}.width", *self.width_bounds)
+                components[c] = TentParams(peak, position, floor * peak, width)
+            else:
+                # layer_max is sampled as a span above layer_min: every sample is a valid range.
+                layer_min = trial.suggest_float(f"{c}.layer_min", 0.0, 1.0)
+                span = trial.suggest_float(f"{c}.layer_span", 0.0, 1.0)
+                weight = trial.suggest_float(f"{c}.weight", self.min_weight, self.max_weight)
+                components[c] = ComponentParams(layer_min, min(1.0, layer_min + span), weight)
+        index = None
+        if self.direction_scope != "per_layer":
+            scope = "global"
+            if self.direction_scope == "search":
+                scope = trial.suggest_categorical("direction_scope", ["global", "per_layer"])
+            index = trial.suggest_float("direction_index", *self.direction_bounds)
+            if scope == "per_layer":
+                index = None
+        return EditParams(components, index)
+
+    def trial_params(self, profile: WarmStart) -> dict[str, Any] | None:
+        """The Optuna parameters of a warm-start profile in this space, or None when the
+        profile belongs to another space or falls outside this one's bounds."""
+        if profile.layer_profile != self.layer_profile:
+            return None
+        if (profile.direction_position is None) != (self.direction_scope == "per_layer"):
+            if self.direction_scope != "search":
+                return None
+        params: dict[str, Any] = {}
+        bounds: dict[str, tuple[float, float]] = {}
+        for c in COMPONENTS:
+            for name, value in profile.components[c].items():
+                params[f"{c}.{name}"] = value
+        if self.layer_profile == "tent":
+            for c in COMPONENTS:
+                bounds[f"{c}.peak_weight"] = self.peak_bounds
+                bounds[f"{c}.peak_position"] = TENT_PEAK_POSITION
+                bounds[f"{c}.floor_fraction"] = (0.0, 1.0)
+                bounds[f"{c}.width"] = self.width_bounds
+        else:
+            for c in COMPONENTS:
+                bounds[f"{c}.layer_min"] = (0.0, 1.0)
+                bounds[f"{c}.layer_span"] = (0.0, 1.0)
+                bounds[f"{c}.weight"] = (self.min_weight, self.max_weight)
+        if self.direction_scope != "per_layer":
+            position = profile.direction_position
+            if self.direction_scope == "search":
+                params["direction_scope"] = "per_layer" if position is None else "global"
+            if position is None:  # per-layer trial in a "search" space: any valid index
+                position = sum(DIRECTION_POSITION) / 2
+            params["direction_index"] = position * (self.n_layers - 1)
+            bounds["direction_index"] = self.direction_bounds
+        if set(params) - {"direction_scope"} != set(bounds):
+            return None
+        for name, (low, high) in bounds.items():
+            if not low - 1e-9 <= params[name] <= high + 1e-9:
+                return None
         return params
 
 
-def params_from_trial(trial: FrozenTrial) -> dict[str, ComponentParams]:
-    """Rebuild the edit parameters a finished trial was scored with."""
+def params_from_trial(trial: FrozenTrial) -> EditParams:
+    """Rebuild the edit parameters a finished trial was scored with (from its parameter names,
+    so a study remembers its own space whatever the current settings say)."""
     p = trial.params
-    return {
-        c: ComponentParams(
-            p[f"{c}.layer_min"],
-            min(1.0, p[f"{c}.layer_min"] + p[f"{c}.layer_span"]),
-            p[f"{c}.weight"],
-        )
-        for c in COMPONENTS
-    }
+    components: dict[str, LayerProfile] = {}
+    for c in COMPONENTS:
+        if f"{c}.peak_weight" in p:
+            peak = p[f"{c}.peak_weight"]
+            components[c] = TentParams(
+                peak, p[f"{c}.peak_position"], p[f"{c}.floor_fraction"] * peak, p[f"{c}.width"]
+            )
+        else:
+            components[c] = ComponentParams(
+                p[f"{c}.layer_min"],
+                min(1.0, p[f"{c}.layer_min"] + p[f"{c}.layer_span"]),
+                p[f"{c}.weight"],
+            )
+    index = p.get("direction_index")
+    if p.get("direction_scope", "global") != "global":
+        index = None
+    return EditParams(components, index)
+
+
+@dataclass(frozen=True)
+class WarmStart:
+    """A known-good trial for a model family, in depth fractions (so it fits any depth).
+
+    `components` maps each component to its Optuna parameters without the component prefix
+    (tent: peak_weight, peak_position, floor_fraction, width; range: layer_min, layer_span,
+    weight); `direction_position` is the global direction's layer as a fraction of depth, or
+    None for per-layer directions. `measured` says where the numbers come from.
+    """
+
+    layer_profile: str
+    components: dict[str, dict[str, float]]
+    direction_position: float | None
+    measured: str
+
+
+WARM_STARTS: dict[str, list[WarmStart]] = {}
+"""Warm-start profiles per model family (`model_family`). Only families measured here have
+any; see the README's "Search space and warm starts" for how each was measured."""
+
+FAMILY_ARCHITECTURES = {"LlamaForCausalLM": "llama"}
+"""Architecture class names whose family differs from a lower-cased `model_type`."""
+
+
+def model_family(config: Any) -> str | None:
+    """The model's family from its config (`model_type`, else `architectures`), never from its
+    name: a fine-tune called "my-llama" of another architecture is not a Llama."""
+    model_type = getattr(config, "model_type", None)
+    if isinstance(model_type, str) and model_type:
+        return model_type.lower()
+    for architecture in getattr(config, "architectures", None) or []:
+        if architecture in FAMILY_ARCHITECTURES:
+            return FAMILY_ARCHITECTURES[architecture]
+    return None
+
+
+WARM_START_ATTR = "warm_start"
+
+
+def enqueue_warm_starts(
+    study: optuna.Study, space: SearchSpace, family: str | None
+) -> list[dict[str, Any]]:
+    """Queue the family's known-good trials as the study's first ones; returns those queued.
+
+    Only a study holding fewer trials than the family has profiles gets them (a resumed study
+    has had its chance), and a profile already in the study is not queued twice.
+    """
+    fitting = [space.trial_params(p) for p in WARM_STARTS.get(family or "", [])]
+    queued = [params for params in fitting if params is not None]
+    if not queued or len(study.get_trials(deepcopy=False)) >= len(queued):
+        return []
+    for params in queued:
+        study.enqueue_trial(params, user_attrs={WARM_START_ATTR: family}, skip_if_exists=True)
+    return queued
 
 
 class TrialSeededTPESampler(optuna.samplers.TPESampler):
@@ -137,6 +320,8 @@ FINGERPRINT_SETTINGS = (
     "direction_method",
     "min_weight",
     "max_weight",
+    "search_space",
+    "direction_scope",
     "good_prompts",
     "bad_prompts",
     "good_evaluation_prompts",
@@ -239,7 +424,7 @@ def run_search(
     study: optuna.Study,
     n_trials: int,
     space: SearchSpace,
-    score: Callable[[dict[str, ComponentParams], Callable[[float, int], bool]], Score],
+    score: Callable[[EditParams, Callable[[float, int], bool]], Score],
     on_trial: Callable[[FrozenTrial, int], None] | None = None,
 ) -> int:
     """Run trials until the study holds `n_trials` finished ones; returns how many ran now.

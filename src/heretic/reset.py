@@ -1,7 +1,8 @@
 """Reset strategies: how a trial's edit is switched on, and how the model goes back after it.
 
-All three offer the interface of `abliteration.EditHooks` (`set_strengths`, `clear`, `remove`),
-so the search, the chat and the export do not care which one runs:
+All three offer the interface of `abliteration.EditHooks` (`set_strengths(strengths,
+directions=None)`, `clear`, `remove`), so the search, the chat and the export do not care which
+one runs:
 
 - `adapter` (default): `EditHooks`, the edit as forward hooks; base weights are never touched,
   so a reset is free and needs no memory.
@@ -182,11 +183,21 @@ class _InPlaceEdit:
         raise NotImplementedError
 
     @torch.no_grad()
-    def set_strengths(self, strengths: Mapping[str, torch.Tensor]) -> None:
+    def set_strengths(
+        self, strengths: Mapping[str, torch.Tensor], directions: torch.Tensor | None = None
+    ) -> None:
+        """Merge the trial's edit; `directions` (n_layers, hidden) are the trial's own, or None
+        for the directions given at construction."""
+        if directions is not None and directions.shape != self.directions.shape:
+            raise ValueError(
+                f"trial directions {tuple(directions.shape)} do not match the installed "
+                f"{tuple(self.directions.shape)}"
+            )
+        trial_directions = self.directions if directions is None else directions.float()
         self.clear()
         params = editable_matrices(self.modules)
         for index, layer in enumerate(params):
-            r = self.directions[index]
+            r = trial_directions[index]
             for component, targets in layer.items():
                 weight = float(strengths[component][index]) if component in strengths else 0.0
                 if weight == 0.0:

@@ -1,0 +1,220 @@
+"""Search spaces (range and tent profiles, per-layer and global directions) and warm starts."""
+
+from __future__ import annotations
+
+import optuna
+import pytest
+import torch
+from test_architectures import COMMON, tiny_model
+
+from heretic.abliteration import (
+    EditHooks,
+    EditParams,
+    TentParams,
+    edit_from_params,
+    interpolated_direction,
+    layer_strengths,
+    merge_edit,
+    restore_weights,
+)
+from heretic.config import Settings
+from heretic.directions import normalize
+from heretic.errors import StudyError
+from heretic.model import ATTN, COMPONENTS, MLP, editable_modules, find_decoder_layers
+from heretic.optimization import (
+    WARM_START_ATTR,
+    WARM_STARTS,
+    SearchSpace,
+    WarmStart,
+    check_fingerprint,
+    enqueue_warm_starts,
+    model_family,
+    objective_fingerprint,
+    open_study,
+    params_from_trial,
+)
+
+# ----- the tent profile ----------------------------------------------------------------------
+
+
+def test_tent_is_peak_at_its_position_floor_at_width_and_zero_beyond():
+    # 11 layers: positions 0, 0.1, ..., 1. Peak 1.2 at 0.5, floor 0.4 at distance 0.2.
+    s = layer_strengths(TentParams(1.2, 0.5, 0.4, 0.2), 11).tolist()
+    assert s[5] == pytest.approx(1.2)  # the peak
+    assert s[4] == pytest.approx(0.8) and s[6] == pytest.approx(0.8)  # halfway down
+    assert s[3] == pytest.approx(0.4) and s[7] == pytest.approx(0.4)  # the floor, at width
+    assert s[:3] == [0, 0, 0] and s[8:] == [0, 0, 0]  # beyond the width
+
+
+def test_tent_between_layers_and_at_the_edges():
+    # The peak need not sit on a layer; a peak at the last layer is a half tent.
+    s = layer_strengths(TentParams(1.0, 0.95, 0.0, 0.5), 11).tolist()
+    assert s[10] == pytest.approx(0.9) and s[9] == pytest.approx(0.9)
+    assert s[5] == pytest.approx(0.1) and s[4] == 0
+    # A floor above the peak makes the strength grow away from the peak.
+    s = layer_strengths(TentParams(0.5, 0.0, 1.5, 1.0), 3).tolist()
+    assert s == pytest.approx([0.5, 1.0, 1.5])
+    # Zero width: only a layer exactly at the peak.
+    assert layer_strengths(TentParams(1.0, 0.5, 0.0, 0.0), 3).tolist() == [0, 1, 0]
+
+
+# ----- the fractional direction index --------------------------------------------------------
+
+
+def _directions(n_layers: int, hidden: int, seed: int = 1) -> torch.Tensor:
+    return normalize(torch.randn(n_layers, hidden, generator=torch.Generator().manual_seed(seed)))
+
+
+def test_integer_direction_index_is_that_layers_direction():
+    directions = _directions(5, 16)
+    for k in range(5):
+        torch.testing.assert_close(interpolated_direction(directions, float(k)), directions[k])
+
+
+def test_halfway_direction_index_is_the_normalized_mean():
+    directions = _directions(5, 16)
+    got = interpolated_direction(directions, 2.5)
+    torch.testing.assert_close(got, normalize(directions[2] + directions[3]))
+    assert got.norm().item() == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="outside"):
+        interpolated_direction(directions, 4.5)
+
+
+def test_global_direction_is_used_at_every_layer():
+    directions = _directions(4, 8)
+    params = EditParams({c: TentParams(1.0, 0.5, 0.5, 0.5) for c in COMPONENTS}, 1.25)
+    _, per_layer = edit_from_params(params, directions)
+    expected = interpolated_direction(directions, 1.25)
+    assert per_layer.shape == directions.shape
+    for row in per_layer:
+        torch.testing.assert_close(row, expected)
+    per_layer_params = EditParams(params.components, None)
+    torch.testing.assert_close(edit_from_params(per_layer_params, directions)[1], directions)
+
+
+def test_tent_global_trial_merged_gives_the_hooks_logits():
+    """What the search scored (hooks with the trial's direction) is what gets saved (merged)."""
+    model = tiny_model("llama")
+    modules = [editable_modules(layer, i) for i, layer in enumerate(find_decoder_layers(model))]
+    directions = _directions(len(modules), COMMON["hidden_size"])
+    params = EditParams(
+        {ATTN: TentParams(1.3, 0.5, 0.3, 0.5), MLP: TentParams(0.9, 1.0, 0.6, 0.6)}, 0.7
+    )
+    strengths, trial_directions = edit_from_params(params, directions)
+    ids = torch.randint(0, COMMON["vocab_size"], (2, 7), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        base = model(input_ids=ids).logits
+        hooks = EditHooks(modules, directions)
+        hooks.set_strengths(strengths, trial_directions)
+        hooked = model(input_ids=ids).logits
+        hooks.clear()  # back to no edit and the installed directions, for free
+        torch.testing.assert_close(model(input_ids=ids).logits, base, atol=0, rtol=0)
+        hooks.remove()
+        originals = merge_edit(modules, trial_directions, strengths, COMMON["hidden_size"])
+        merged = model(input_ids=ids).logits
+        restore_weights(modules, originals)
+    assert not torch.allclose(base, hooked, atol=1e-4)
+    torch.testing.assert_close(merged, hooked, atol=2e-4, rtol=2e-4)
+
+
+# ----- sampling and reading back -------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "profile, scope", [("tent", "global"), ("tent", "search"), ("range", "per_layer")]
+)
+def test_params_from_trial_rebuilds_what_was_sampled(profile, scope):
+    study = optuna.create_study(directions=["minimize", "minimize"])
+    space = SearchSpace(layer_profile=profile, direction_scope=scope, n_layers=30)
+    for _ in range(6):
+        trial = study.ask()
+        sampled = space.suggest(trial)
+        study.tell(trial, [0.0, 0.0])
+        assert params_from_trial(study.trials[-1]) == sampled
+        if scope == "global":
+            assert 0.4 * 29 <= sampled.direction_index <= 0.9 * 29
+        if profile == "tent":
+            for p in sampled.components.values():
+                assert isinstance(p, TentParams) and 0 <= p.floor_weight <= p.peak_weight
+    if scope == "per_layer":
+        assert all(params_from_trial(t).direction_index is None for t in study.trials)
+
+
+def test_global_scope_without_layer_count_is_refused():
+    with pytest.raises(ValueError, match="layer count"):
+        SearchSpace(direction_scope="global")
+
+
+# ----- warm starts ---------------------------------------------------------------------------
+
+
+class _Config:
+    def __init__(self, model_type: str | None, architectures: list[str] | None = None):
+        self.model_type = model_type
+        self.architectures = architectures
+
+
+def test_family_comes_from_the_config_not_the_name():
+    assert model_family(_Config("llama", ["LlamaForCausalLM"])) == "llama"
+    assert model_family(_Config(None, ["LlamaForCausalLM"])) == "llama"
+    assert model_family(_Config(None, ["SomethingNewForCausalLM"])) is None
+
+
+def test_measured_family_gets_its_warm_starts_first():
+    space = SearchSpace(n_layers=30)  # the defaults
+    study = optuna.create_study(directions=["minimize", "minimize"])
+    queued = enqueue_warm_starts(study, space, model_family(_Config("llama")))
+    assert queued, "the llama family has a measured profile for the default space"
+    trial = study.ask()
+    assert trial.user_attrs[WARM_START_ATTR] == "llama"
+    assert space.suggest(trial) == params_from_trial_like(trial)
+    # A study that already holds them does not get them again.
+    assert enqueue_warm_starts(study, space, "llama") == []
+
+
+def params_from_trial_like(trial: optuna.Trial):
+    study = trial.study
+    study.tell(trial, [0.0, 0.0])
+    return params_from_trial(study.trials[trial.number])
+
+
+def test_unmeasured_family_and_other_spaces_get_none(monkeypatch):
+    study = optuna.create_study(directions=["minimize", "minimize"])
+    assert "gpt_neox" not in WARM_STARTS
+    assert enqueue_warm_starts(study, SearchSpace(n_layers=30), "gpt_neox") == []
+    assert enqueue_warm_starts(study, SearchSpace(n_layers=30), None) == []
+    # A profile for another space is not forced into this one.
+    tent = WarmStart(
+        "tent",
+        {c: {"peak_weight": 1.0, "peak_position": 0.8, "floor_fraction": 0.5, "width": 0.3}
+         for c in COMPONENTS},  # fmt: skip
+        0.6,
+        "test",
+    )
+    monkeypatch.setitem(WARM_STARTS, "testfamily", [tent])
+    assert enqueue_warm_starts(study, SearchSpace(layer_profile="range", n_layers=30),
+                               "testfamily") == []  # fmt: skip
+    assert enqueue_warm_starts(study, SearchSpace(n_layers=30, direction_scope="per_layer"),
+                               "testfamily") == []  # fmt: skip
+    assert study.trials == []
+    # ...but the same profile fits a per-trial direction choice.
+    queued = enqueue_warm_starts(
+        study, SearchSpace(n_layers=30, direction_scope="search"), "testfamily"
+    )
+    assert queued[0]["direction_scope"] == "global"
+    assert queued[0]["direction_index"] == pytest.approx(0.6 * 29)
+
+
+# ----- the fingerprint -----------------------------------------------------------------------
+
+
+def test_resumed_study_with_another_search_space_is_refused(tmp_path):
+    study = open_study(f"sqlite:///{tmp_path / 'study.db'}", "s", 0, 1, None)
+    check_fingerprint(study, objective_fingerprint(Settings(model="m", search_space="tent")))
+    with pytest.raises(StudyError, match="search_space: study has 'tent', this run has 'range'"):
+        check_fingerprint(study, objective_fingerprint(Settings(model="m", search_space="range")))
+    with pytest.raises(StudyError, match="direction_scope"):
+        check_fingerprint(
+            study, objective_fingerprint(Settings(model="m", direction_scope="per_layer"))
+        )
+    assert check_fingerprint(study, objective_fingerprint(Settings(model="m"))) == []
