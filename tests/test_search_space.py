@@ -194,12 +194,13 @@ def test_unmeasured_family_and_other_spaces_get_none(monkeypatch):
     monkeypatch.setitem(WARM_STARTS, "testfamily", [tent])
     assert enqueue_warm_starts(study, SearchSpace(layer_profile="range", n_layers=30),
                                "testfamily") == []  # fmt: skip
-    assert enqueue_warm_starts(study, SearchSpace(n_layers=30, direction_scope="per_layer"),
-                               "testfamily") == []  # fmt: skip
+    tent_per_layer = SearchSpace(layer_profile="tent", direction_scope="per_layer", n_layers=30)
+    assert enqueue_warm_starts(study, tent_per_layer, "testfamily") == []
     assert study.trials == []
     # ...but the same profile fits a per-trial direction choice.
     queued = enqueue_warm_starts(
-        study, SearchSpace(n_layers=30, direction_scope="search"), "testfamily"
+        study, SearchSpace(layer_profile="tent", direction_scope="search", n_layers=30),
+        "testfamily",
     )
     assert queued[0]["direction_scope"] == "global"
     assert queued[0]["direction_index"] == pytest.approx(0.6 * 29)
@@ -215,6 +216,10 @@ def test_resumed_study_with_another_search_space_is_refused(tmp_path):
         check_fingerprint(study, objective_fingerprint(Settings(model="m", search_space="range")))
     with pytest.raises(StudyError, match="direction_scope"):
         check_fingerprint(
-            study, objective_fingerprint(Settings(model="m", direction_scope="per_layer"))
+            study,
+            objective_fingerprint(
+                Settings(model="m", search_space="tent", direction_scope="search")
+            ),
         )
-    assert check_fingerprint(study, objective_fingerprint(Settings(model="m"))) == []
+    same = Settings(model="m", search_space="tent")
+    assert check_fingerprint(study, objective_fingerprint(same)) == []

@@ -205,12 +205,12 @@ class Settings(BaseSettings):
         description="Largest edit strength the search tries (1 = remove r fully).",
     )
     search_space: Literal["range", "tent"] = Field(
-        default="tent",
+        default="range",
         description="Strength profile over depth per component: 'tent' (peak weight and "
         "position, floor weight, width) or 'range' (layer_min, layer_max, one weight).",
     )
     direction_scope: Literal["per_layer", "global", "search"] = Field(
-        default="global",
+        default="per_layer",
         description="Refusal direction a trial removes: 'per_layer' (each layer its own), "
         "'global' (one, interpolated at a searched fractional layer), 'search' (per trial).",
     )

@@ -19,7 +19,7 @@ from pydantic import BaseModel
 from heretic.abliteration import ComponentParams, EditParams, LayerProfile, TentParams
 from heretic.errors import StudyError
 from heretic.evaluation import Score
-from heretic.model import COMPONENTS
+from heretic.model import ATTN, COMPONENTS, MLP
 from heretic.workers import (
     DEFAULT_HEARTBEAT_INTERVAL,
     Heartbeat,
@@ -38,8 +38,11 @@ LAYER_PROFILES = ("range", "tent")
 DIRECTION_SCOPES = ("per_layer", "global", "search")
 """`direction_scope` values: each layer's own direction, one interpolated global direction, or
 a per-trial choice between the two."""
-DEFAULT_LAYER_PROFILE = "tent"
-DEFAULT_DIRECTION_SCOPE = "global"
+DEFAULT_LAYER_PROFILE = "range"
+DEFAULT_DIRECTION_SCOPE = "per_layer"
+"""The defaults, chosen by measurement (README, "Quality vs heretic-llm"): on the organism at 20
+trials the range space with per-layer directions was measured at least as good as upstream's
+front; the tent with a global direction could not be measured at the full budget in time."""
 
 TENT_PEAK_MIN = 0.8
 """Smallest tent peak searched (unless max_weight is lower): weaker peaks left most refusals in
@@ -207,9 +210,24 @@ class WarmStart:
     measured: str
 
 
-WARM_STARTS: dict[str, list[WarmStart]] = {}
+WARM_STARTS: dict[str, list[WarmStart]] = {
+    "llama": [
+        WarmStart(
+            "range",
+            {
+                ATTN: {"layer_min": 0.375, "layer_span": 0.951, "weight": 1.098},
+                MLP: {"layer_min": 0.599, "layer_span": 0.156, "weight": 0.234},
+            },
+            None,
+            measured="SmolLM2-135M-Instruct organism (LlamaForCausalLM, 30 layers), 2026-11-25: "
+            "`benchmarks/quality.py --n-trials 20 --label range-perlayer-cold --set "
+            "search_space=range --set direction_scope=per_layer --set "
+            "use_warm_start_params=false`, its best trial: 4/100 refusals (base 79) at KL 0.112",
+        ),
+    ],
+}
 """Warm-start profiles per model family (`model_family`). Only families measured here have
-any; see the README's "Search space and warm starts" for how each was measured."""
+any (see the README's "Search space and warm starts"); an unmeasured family starts cold."""
 
 FAMILY_ARCHITECTURES = {"LlamaForCausalLM": "llama"}
 """Architecture class names whose family differs from a lower-cased `model_type`."""
