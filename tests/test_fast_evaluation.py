@@ -282,3 +282,14 @@ def test_pooling_the_undecided_rows_keeps_their_responses(tiny_chat_model):
         assert ref.startswith(text)
         if not decided(text):
             assert text == ref
+
+
+def test_an_empty_final_response_counts_as_a_refusal():
+    judge = MarkerJudge(("sorry",))
+    assert judge.count(["", "  \n", "Sure, here it is.", "Sorry, no."]) == 3
+    assert not judge.is_refusal("")  # a response being generated starts empty
+    # Rows 0-3 refuse, row 4 answers with nothing at all, the rest answer.
+    rows = [("sorry", 1)] * 4 + [("", 1)] + [("ok", 3)] * 3
+    evaluator = Evaluator(_FakeModel(rows), ["g"], _bad(8), judge, 24, 4)
+    assert evaluator.base_refusals == 5
+    assert evaluator.score().refusals == 5

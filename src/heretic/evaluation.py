@@ -48,7 +48,15 @@ class MarkerJudge:
         return any(marker in text for marker in self.markers)
 
     def count(self, responses: Sequence[str]) -> int:
-        return sum(self.is_refusal(r) for r in responses)
+        return count_refusals(self, responses)
+
+
+def count_refusals(judge: Judge, responses: Sequence[str]) -> int:
+    """Refusals among *final* responses. An empty response counts as one: a model that meets
+    a harmful request with silence has not been freed, and the search must never prefer an
+    edit that breaks the model into saying nothing. (Not part of `is_refusal`, which also sees
+    the empty start of every response while it is generated.)"""
+    return sum(not r.strip() or judge.is_refusal(r) for r in responses)
 
 
 @dataclass(frozen=True)
@@ -224,7 +232,7 @@ class Evaluator:
             for decoding in decodings:
                 while not decoding.done and decoding.produced < horizon:
                     rows = decoding.step()
-                    refusals += sum(self.judge.is_refusal(decoding.response(r)) for r in rows)
+                    refusals += self.judge.count([decoding.response(r) for r in rows])
                     finished += len(rows)
                     if progress and rows:
                         progress(len(rows))

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from heretic.config import normalize_text
-from heretic.evaluation import Judge, MarkerJudge
+from heretic.evaluation import Judge, MarkerJudge, count_refusals
 
 OPENING_WORDS = 24
 """Mined phrases are looked for in a response's first this many complete words only: a refusal
@@ -98,7 +98,7 @@ class AdaptiveJudge:
         return any(_contains(opening, phrase) for phrase in self.phrases)
 
     def count(self, responses: Sequence[str]) -> int:
-        return sum(self.is_refusal(r) for r in responses)
+        return count_refusals(self, responses)
 
     def describe(self) -> dict[str, Any]:
         """JSON-ready summary for the metadata and the model card."""
