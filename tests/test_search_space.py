@@ -223,3 +223,37 @@ def test_resumed_study_with_another_search_space_is_refused(tmp_path):
         )
     same = Settings(model="m", search_space="tent")
     assert check_fingerprint(study, objective_fingerprint(same)) == []
+
+
+# ----- end to end ----------------------------------------------------------------------------
+
+
+def test_tent_global_run_saves_the_trials_direction(tiny_chat_model, tmp_path, monkeypatch):
+    """A tent/global study on the tiny model runs, saves and exports: no warm start (the llama
+    profile is for another space), and the metadata and card record the tent and the global
+    direction. (That merging a tent/global trial gives the hooks' logits is tested above.)"""
+    import json
+
+    from test_pipeline import BAD, GOOD, _argv, _quiet
+
+    from heretic.cli import run
+    from heretic.config import load_settings
+
+    monkeypatch.chdir(tmp_path)
+    files = {}
+    for name, lines in (("good", GOOD), ("bad", BAD)):
+        files[name] = tmp_path / f"{name}.txt"
+        files[name].write_text("\n".join(lines) + "\n")
+    out = tmp_path / "out"
+    extra = ("--n-trials", "2", "--select", "best", "--search-space", "tent",
+             "--direction-scope", "global", "--export", "model,adapter")  # fmt: skip
+    result = run(load_settings(_argv(tiny_chat_model, files, out, *extra)), _quiet())
+    meta = json.loads((out / "heretic_metadata.json").read_text())
+    assert set(meta["best_params"][ATTN]) == {"peak_weight", "peak_position", "floor_weight",
+                                              "width"}  # fmt: skip
+    assert 0 <= meta["refusal_direction"]["layer_index"] <= 1
+    card = (out / "model" / "README.md").read_text()
+    assert "peak strength" in card and "interpolated at layer index" in card
+    study = optuna.load_study(study_name="heretic", storage=f"sqlite:///{out / 'study.db'}")
+    assert all(WARM_START_ATTR not in t.user_attrs for t in study.trials)
+    assert result.chosen_trial is not None
