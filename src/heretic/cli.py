@@ -451,7 +451,10 @@ def _search(settings: Settings, study, model: Model, hooks, evaluator: Evaluator
     )
     if settings.use_warm_start_params:
         family = model_family(model.model.config)
-        queued = enqueue_warm_starts(study, space, family)
+        # Workers sharing this folder start together: one queues, the others then see the
+        # queued trials and add none (on separate machines a profile may run twice).
+        with exclusive_lock(settings.output_dir / ".warm_start.lock"):
+            queued = enqueue_warm_starts(study, space, family)
         if queued:
             console.print(f"  warm start: {len(queued)} known-good trials for {family} models")
 
