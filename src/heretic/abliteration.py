@@ -189,6 +189,21 @@ def first_edited_layer(strengths: Mapping[str, torch.Tensor]) -> int:
     return min(edited, default=n_layers)
 
 
+def check_directions(directions: torch.Tensor, n_layers: int) -> None:
+    """An edit needs one direction per layer it can touch."""
+    if directions.shape[0] != n_layers:
+        raise ValueError(f"{directions.shape[0]} directions for {n_layers} layers: they must match")
+
+
+def check_trial_directions(directions: torch.Tensor | None, installed: torch.Tensor) -> None:
+    """A trial's own directions (None: the installed ones) must have the installed shape."""
+    if directions is not None and directions.shape != installed.shape:
+        raise ValueError(
+            f"trial directions {tuple(directions.shape)} do not match the installed "
+            f"{tuple(installed.shape)}"
+        )
+
+
 class EditHooks:
     """Forward hooks that apply the edit to module outputs; W is never touched.
 
@@ -197,10 +212,7 @@ class EditHooks:
     """
 
     def __init__(self, modules: list[dict[str, list[nn.Module]]], directions: torch.Tensor):
-        if directions.shape[0] != len(modules):
-            raise ValueError(
-                f"{directions.shape[0]} directions for {len(modules)} layers: they must match"
-            )
+        check_directions(directions, len(modules))
         self.modules = modules
         self.directions = directions.float()
         self._trial_directions: torch.Tensor | None = None
@@ -240,11 +252,7 @@ class EditHooks:
     ) -> None:
         """Switch the edit on: `strengths` per component and layer; `directions`
         (n_layers, hidden) for this trial only, or None for the directions given at install."""
-        if directions is not None and directions.shape != self.directions.shape:
-            raise ValueError(
-                f"trial directions {tuple(directions.shape)} do not match the installed "
-                f"{tuple(self.directions.shape)}"
-            )
+        check_trial_directions(directions, self.directions)
         self._use_directions(directions)
         self.strengths = {k: v.detach().float().cpu() for k, v in strengths.items()}
 

@@ -24,7 +24,13 @@ from collections.abc import Callable, Mapping
 import torch
 from torch import nn
 
-from heretic.abliteration import EditHooks, _edit_tensor, _writer_matrices
+from heretic.abliteration import (
+    EditHooks,
+    _edit_tensor,
+    _writer_matrices,
+    check_directions,
+    check_trial_directions,
+)
 from heretic.errors import HereticError
 from heretic.model import COMPONENTS
 
@@ -170,10 +176,7 @@ class _InPlaceEdit:
     """Merges a trial's edit into the weights from pristine copies; subclasses restore them."""
 
     def __init__(self, modules: Layers, directions: torch.Tensor, hidden_size: int):
-        if directions.shape[0] != len(modules):
-            raise ValueError(
-                f"{directions.shape[0]} directions for {len(modules)} layers: they must match"
-            )
+        check_directions(directions, len(modules))
         self.modules = modules
         self.directions = directions.float()
         self.hidden_size = hidden_size
@@ -188,11 +191,7 @@ class _InPlaceEdit:
     ) -> None:
         """Merge the trial's edit; `directions` (n_layers, hidden) are the trial's own, or None
         for the directions given at construction."""
-        if directions is not None and directions.shape != self.directions.shape:
-            raise ValueError(
-                f"trial directions {tuple(directions.shape)} do not match the installed "
-                f"{tuple(self.directions.shape)}"
-            )
+        check_trial_directions(directions, self.directions)
         trial_directions = self.directions if directions is None else directions.float()
         self.clear()
         params = editable_matrices(self.modules)
