@@ -94,7 +94,10 @@ def test_full_strength_leaves_no_component_along_r(arch):
     hooks.remove()
 
 
-def test_merged_weights_match_hooks_and_restore_exactly(arch):
+@pytest.mark.parametrize("row_normalization", ["none", "full"])
+def test_merged_weights_match_hooks_and_restore_exactly(arch, row_normalization):
+    """Also with row normalization, which mixture-of-experts blocks (hooked as a whole) skip
+    in both forms alike."""
     name, model, modules = arch
     n = len(modules)
     directions = _directions(n, COMMON["hidden_size"])
@@ -103,11 +106,13 @@ def test_merged_weights_match_hooks_and_restore_exactly(arch):
     before = {k: v.clone() for k, v in model.state_dict().items()}
     with torch.no_grad():
         base = model(input_ids=ids).logits
-        hooks = EditHooks(modules, directions)
+        hooks = EditHooks(modules, directions, row_normalization)
         hooks.set_strengths(strengths)
         hooked = model(input_ids=ids).logits
         hooks.remove()
-        originals = merge_edit(modules, directions, strengths, COMMON["hidden_size"])
+        originals = merge_edit(
+            modules, directions, strengths, COMMON["hidden_size"], row_normalization
+        )
         merged = model(input_ids=ids).logits
         restore_weights(modules, originals)
         restored = model(input_ids=ids).logits

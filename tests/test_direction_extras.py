@@ -167,6 +167,34 @@ def test_build_directions_falls_back_when_probes_lack_refusals():
     assert torch.allclose(result.refusal, expected, atol=1e-6)
 
 
+def test_build_directions_orthogonal_to_the_good_mean():
+    """The planted residuals have a large constant offset that both sets share: the refusal
+    direction keeps no component along the good mean, and the file's metadata records it."""
+    x, y, _ = _planted()
+    good, bad = x[y == 0], x[y == 1]
+    logs: list[str] = []
+    settings = _settings(orthogonalize_good_mean=True)
+    result = build_directions(
+        good,
+        bad,
+        settings,
+        residuals_of=lambda name: pytest.fail(f"{name} should not be needed"),
+        refused=lambda: pytest.fail("no probes"),
+        log=logs.append,
+        warn=lambda w: pytest.fail(w),
+    )
+    good_mean = normalize(good.double().mean(0))
+    assert (result.refusal.double() * good_mean).sum(-1).abs().max() < 1e-5
+    plain = normalize(bad.double().mean(0) - good.double().mean(0))
+    expected = normalize(plain - (plain * good_mean).sum(-1, keepdim=True) * good_mean)
+    torch.testing.assert_close(result.refusal.double(), expected, atol=1e-5, rtol=1e-5)
+    assert any("refusal directions and the good mean" in line for line in logs)
+    prompts = {name: [] for name in extra_prompt_sets(settings)}
+    on = json.loads(extras_metadata(settings, prompts)["extras"])
+    off = json.loads(extras_metadata(_settings(), prompts)["extras"])
+    assert on.get("orthogonalize_good_mean") is True and "orthogonalize_good_mean" not in off
+
+
 def test_build_directions_with_every_extra():
     x, y, u = _planted()
     good, bad = x[y == 0], x[y == 1]
@@ -301,6 +329,10 @@ def test_study_fingerprint_includes_extras_in_use():
 
     plain = objective_fingerprint(_settings())
     assert "use_sacred_directions" not in plain and "probe_weight" not in plain
+    assert "orthogonalize_good_mean" not in plain and plain["row_normalization"] == "none"
+    assert objective_fingerprint(_settings(orthogonalize_good_mean=True))[
+        "orthogonalize_good_mean"
+    ]
     sacred = objective_fingerprint(_settings(use_sacred_directions=True))
     assert sacred["use_sacred_directions"] is True and sacred["n_sacred_directions"] == 5
     assert {k: v for k, v in sacred.items() if k in plain} == plain

@@ -3,6 +3,7 @@ back and comparing logits with the merged model."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -35,22 +36,32 @@ def _logits(model, tokenizer) -> torch.Tensor:
 # ----- LoRA adapter ------------------------------------------------------------------------
 
 
-def test_adapter_matches_merged_model(tiny_chat_model, tmp_path):
+@pytest.mark.parametrize("row_normalization", ["none", "pre", "full"])
+def test_adapter_matches_merged_model(tiny_chat_model, tmp_path, row_normalization):
+    """PEFT reproduces the merged model: rank-1 LoRA, or rank-1 DoRA for "full"."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
     model = load_model(str(tiny_chat_model), dtype="float32")
     directions, strengths = _edit(model.n_layers, model.hidden_size)
     targets = write_adapter_files(
-        model.model, model.modules, directions, strengths, str(tiny_chat_model), tmp_path / "a"
+        model.model,
+        model.modules,
+        directions,
+        strengths,
+        str(tiny_chat_model),
+        tmp_path / "a",
+        row_normalization,
     )
+    config = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
+    assert config["use_dora"] is (row_normalization == "full")
     # Layer 1's attention has strength 0: not a target.
     assert sorted(targets) == [
         "model.layers.0.mlp.down_proj",
         "model.layers.0.self_attn.o_proj",
         "model.layers.1.mlp.down_proj",
     ]
-    merge_edit(model.modules, directions, strengths, model.hidden_size)
+    merge_edit(model.modules, directions, strengths, model.hidden_size, row_normalization)
     merged = _logits(model.model, model.tokenizer)
 
     base = AutoModelForCausalLM.from_pretrained(tiny_chat_model, dtype=torch.float32)
@@ -82,6 +93,28 @@ def test_adapter_refuses_moe_blocks_and_empty_edits(tiny_chat_model):
 
 
 # ----- GGUF --------------------------------------------------------------------------------
+
+
+def test_gguf_plan_row_normalizes_dense_matrices_only():
+    """Expert tensors keep the plain projection, as the search's hook on the whole expert
+    block did; dense matrices get the study's row normalization."""
+    from heretic.gguf_export import plan_edits
+
+    directions, strengths = _edit(2, HIDDEN)
+    names = {
+        "blk.0.attn_output.weight",
+        "blk.0.ffn_down.weight",
+        "blk.1.ffn_down_exps.weight",
+        "blk.1.ffn_down_shexp.weight",
+    }
+    plan = plan_edits(names, directions, strengths, "full")
+    modes = {name: edit.row_normalization for name, edit in plan.items()}
+    assert modes == {
+        "blk.0.attn_output.weight": "full",
+        "blk.0.ffn_down.weight": "full",
+        "blk.1.ffn_down_exps.weight": "none",
+        "blk.1.ffn_down_shexp.weight": "none",
+    }
 
 
 @pytest.fixture(scope="module")

@@ -1,5 +1,6 @@
 """The edit math and the direction math, against float64 references."""
 
+import pytest
 import torch
 
 from heretic.abliteration import (
@@ -7,6 +8,7 @@ from heretic.abliteration import (
     edited_weight,
     layer_strengths,
     project_out,
+    row_edit,
 )
 from heretic.directions import align_signs, contrastive_pca, mean_difference, normalize
 from heretic.evaluation import MarkerJudge, kl_divergence
@@ -122,3 +124,49 @@ def test_marker_judge_normalizes_case_and_apostrophes():
     assert judge.is_refusal("So SORRY.")
     assert not judge.is_refusal("Sure! Here is how.")
     assert judge.count(["sorry", "ok", "I can't"]) == 2
+
+
+def _row_normalized_reference(w: torch.Tensor, r: torch.Tensor, strength: float, mode: str):
+    """The row-normalized edits written out literally in float64: normalize the rows, project,
+    scale the rows back ("pre"), or renormalize the edited rows and give them their original
+    norms ("full")."""
+    norms = w.norm(dim=1, keepdim=True)
+    unit_rows = w / norms.clamp_min(1e-12)
+    projected = unit_rows - strength * torch.outer(r, r @ unit_rows)
+    if mode == "pre":
+        return projected * norms
+    return projected / projected.norm(dim=1, keepdim=True).clamp_min(1e-12) * norms
+
+
+@pytest.mark.parametrize("mode", ["pre", "full"])
+def test_row_normalized_edits_match_float64_reference(mode):
+    g = torch.Generator().manual_seed(4)
+    w = torch.randn(40, 24, generator=g, dtype=torch.float64)
+    w[:, :] *= torch.linspace(0.1, 3.0, 40, dtype=torch.float64).unsqueeze(1)  # unequal rows
+    w[5] = 0.0  # a zero row must stay zero, not become NaN
+    r = _unit(40, g)
+    x = torch.randn(6, 24, generator=g, dtype=torch.float64)
+    for strength in (0.3, 1.0, 1.6):
+        reference = _row_normalized_reference(w, r, strength, mode)
+        got = edited_weight(w.float(), r.float(), strength, mode)
+        torch.testing.assert_close(got.double(), reference, rtol=1e-5, atol=1e-5)
+        assert torch.equal(got[5], torch.zeros(24))
+        # The hook form computes the same outputs from W's outputs alone.
+        via_hook = row_edit(w.float(), r.float(), strength, mode).apply((x @ w.T).float())
+        torch.testing.assert_close(via_hook.double(), x @ reference.T, rtol=1e-5, atol=1e-5)
+    if mode == "full":
+        torch.testing.assert_close(
+            edited_weight(w.float(), r.float(), 1.3, mode).norm(dim=1).double(),
+            w.norm(dim=1),
+            rtol=1e-5,
+            atol=1e-6,
+        )
+
+
+def test_row_normalization_none_is_the_plain_edit_and_unknown_modes_fail():
+    g = torch.Generator().manual_seed(5)
+    w = torch.randn(12, 9, generator=g)
+    r = _unit(12, g).float()
+    assert torch.equal(edited_weight(w, r, 0.8, "none"), edited_weight(w, r, 0.8))
+    with pytest.raises(ValueError, match="unknown row normalization 'both'"):
+        row_edit(w, r, 1.0, "both")

@@ -43,13 +43,17 @@ def _same(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
     return all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
 
 
-@pytest.mark.parametrize("strategy", ["cache", "reload"])
-def test_in_place_strategies_match_the_hooks_and_reset_exactly(model, tiny_chat_model, strategy):
+@pytest.mark.parametrize(
+    ("strategy", "row_normalization"), [("cache", "none"), ("reload", "none"), ("cache", "full")]
+)
+def test_in_place_strategies_match_the_hooks_and_reset_exactly(
+    model, tiny_chat_model, strategy, row_normalization
+):
     directions = _directions(model)
     pristine = _snapshot(model)
     base = model.first_token_logprobs(PROMPTS, 3)
 
-    hooks = EditHooks(model.modules, directions)
+    hooks = EditHooks(model.modules, directions, row_normalization)
     hooks.set_strengths(_strengths(model))
     hooked = model.first_token_logprobs(PROMPTS, 3)
     hooks.remove()
@@ -66,6 +70,7 @@ def test_in_place_strategies_match_the_hooks_and_reset_exactly(model, tiny_chat_
         model_bytes=model.nbytes,
         read_matrices=read,
         log=logged.append,
+        row_normalization=row_normalization,
     )
     edit.set_strengths(_strengths(model))
     merged = model.first_token_logprobs(PROMPTS, 3)

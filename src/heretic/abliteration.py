@@ -28,6 +28,8 @@ from torch import nn
 
 from heretic.model import COMPONENTS
 
+ROW_NORMALIZATIONS = ("none", "pre", "full")
+
 
 def project_out(h: torch.Tensor, r: torch.Tensor, weight: float) -> torch.Tensor:
     """`h - weight * r (r . h)` along the last axis; r is a unit vector."""
@@ -35,11 +37,80 @@ def project_out(h: torch.Tensor, r: torch.Tensor, weight: float) -> torch.Tensor
     return h - weight * (h @ r).unsqueeze(-1) * r
 
 
-def edited_weight(w_matrix: torch.Tensor, r: torch.Tensor, weight: float) -> torch.Tensor:
-    """`W - weight * r (r^T W)` in float32, for W of shape (out, in) and unit r of shape (out,)."""
+@dataclass(frozen=True)
+class RowEdit:
+    """The edit of one matrix W (out x in) as vectors over its output axis:
+
+        W' = diag(scale) (W - weight * a (b^T W))
+
+    so a module output h = W x becomes `scale * (h - weight * a (b . h))`, which the hooks
+    apply without touching W. `scale` None means all ones.
+    """
+
+    a: torch.Tensor
+    b: torch.Tensor
+    weight: float
+    scale: torch.Tensor | None = None
+
+    def apply(self, h: torch.Tensor) -> torch.Tensor:
+        """The edited output for module outputs `h` (..., out), in float32, cast back."""
+        h32 = h.float()
+        edited = h32 - self.weight * (h32 @ self.b).unsqueeze(-1) * self.a
+        if self.scale is not None:
+            edited = edited * self.scale
+        return edited.to(h.dtype)
+
+    def merged(self, w_matrix: torch.Tensor) -> torch.Tensor:
+        """W' in float32."""
+        w32 = w_matrix.float()
+        edited = w32 - self.weight * torch.outer(self.a, self.b @ w32)
+        if self.scale is not None:
+            edited = edited * self.scale.unsqueeze(1)
+        return edited
+
+
+def row_edit(w_matrix: torch.Tensor, r: torch.Tensor, weight: float, mode: str = "none") -> RowEdit:
+    """The edit of W along the unit direction r, with or without row normalization.
+
+    - "none": `W - weight r (r^T W)`, the plain projection.
+    - "pre": the projection is taken of the row-normalized matrix Wn = W / n (n: each output
+      row's norm) and scaled back: `W - weight (n * r)(r^T Wn)`. Rows with large norms are not
+      pulled harder toward r than small ones.
+    - "full": as "pre", then every row of the edited normalized matrix is normalized again
+      and given back its original norm, so the edit changes the rows' directions only. (The
+      "norm-preserving biprojected" abliteration; upstream Heretic approximates it with a
+      rank-3 LoRA, here it is exact.)
+
+    All three are `RowEdit` vectors, so a hook computes exactly what the merged matrix does.
+    For "full", the new norm of row i of `Wn - weight r u` (u = r^T Wn) is
+    `sqrt(|Wn_i|^2 - 2 weight r_i (Wn_i . u) + weight^2 r_i^2 |u|^2)`, from two products with
+    W, so W' itself is never formed. A zero row stays zero in every mode.
+    """
+    if mode not in ROW_NORMALIZATIONS:
+        raise ValueError(f"unknown row normalization {mode!r} (choose from {ROW_NORMALIZATIONS})")
     w32 = w_matrix.float()
     r32 = r.float().to(w32.device)
-    return w32 - weight * torch.outer(r32, r32 @ w32)
+    if mode == "none":
+        return RowEdit(a=r32, b=r32, weight=weight)
+    norms = w32.norm(dim=1)
+    safe = norms.clamp_min(1e-12)
+    b = r32 / safe
+    a = r32 * norms
+    if mode == "pre":
+        return RowEdit(a=a, b=b, weight=weight)
+    u = b @ w32  # r^T Wn, (in,)
+    unit = norms / safe  # |Wn_i|: 1, or 0 for a zero row
+    row_dot_u = (w32 @ u) / safe  # Wn_i . u
+    new_sq = unit**2 - 2 * weight * r32 * row_dot_u + (weight * r32) ** 2 * (u @ u)
+    scale = 1.0 / new_sq.clamp_min(0.0).sqrt().clamp_min(1e-12)
+    return RowEdit(a=a, b=b, weight=weight, scale=scale)
+
+
+def edited_weight(
+    w_matrix: torch.Tensor, r: torch.Tensor, weight: float, mode: str = "none"
+) -> torch.Tensor:
+    """W' in float32 for W of shape (out, in) and unit r of shape (out,); see `row_edit`."""
+    return row_edit(w_matrix, r, weight, mode).merged(w_matrix)
 
 
 @dataclass(frozen=True)
@@ -209,20 +280,35 @@ class EditHooks:
 
     Install once; `set_strengths` switches the edit for a trial (with the trial's own
     directions when it has them, e.g. one global direction), `clear` resets it for free.
+    With row normalization ("pre", "full"), each linear module's `RowEdit` depends on its
+    weights, so it is computed per trial in `set_strengths` (two matrix-vector products per
+    module); a mixture-of-experts block is hooked as a whole and gets the plain projection.
     """
 
-    def __init__(self, modules: list[dict[str, list[nn.Module]]], directions: torch.Tensor):
+    def __init__(
+        self,
+        modules: list[dict[str, list[nn.Module]]],
+        directions: torch.Tensor,
+        row_normalization: str = "none",
+    ):
         check_directions(directions, len(modules))
+        if row_normalization not in ROW_NORMALIZATIONS:
+            raise ValueError(
+                f"unknown row normalization {row_normalization!r} "
+                f"(choose from {ROW_NORMALIZATIONS})"
+            )
         self.modules = modules
         self.directions = directions.float()
+        self.row_normalization = row_normalization
         self._trial_directions: torch.Tensor | None = None
         self._per_device: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
+        self._row_edits: dict[tuple[int, str, int], RowEdit] = {}
         self.strengths: dict[str, torch.Tensor] = {}
         self._handles = []
         for layer_index, components in enumerate(modules):
             for component, module_list in components.items():
-                for module in module_list:
-                    hook = self._make_hook(layer_index, component)
+                for position, module in enumerate(module_list):
+                    hook = self._make_hook(layer_index, component, position)
                     self._handles.append(module.register_forward_hook(hook))
 
     def _direction(self, layer_index: int, like: torch.Tensor) -> torch.Tensor:
@@ -232,7 +318,13 @@ class EditHooks:
             self._per_device[key] = source.to(device=like.device, dtype=like.dtype)
         return self._per_device[key][layer_index]
 
-    def _make_hook(self, layer_index: int, component: str):
+    def _edit(self, h: torch.Tensor, layer_index: int, component: str, position: int, weight):
+        row = self._row_edits.get((layer_index, component, position))
+        if row is not None:
+            return row.apply(h)
+        return project_out(h, self._direction(layer_index, h), weight)
+
+    def _make_hook(self, layer_index: int, component: str, position: int):
         def hook(_module, _inputs, output):
             strengths = self.strengths.get(component)
             if strengths is None:
@@ -242,11 +334,12 @@ class EditHooks:
                 return None
             if isinstance(output, tuple):
                 h = output[0]
-                return (project_out(h, self._direction(layer_index, h), weight), *output[1:])
-            return project_out(output, self._direction(layer_index, output), weight)
+                return (self._edit(h, layer_index, component, position, weight), *output[1:])
+            return self._edit(output, layer_index, component, position, weight)
 
         return hook
 
+    @torch.no_grad()
     def set_strengths(
         self, strengths: Mapping[str, torch.Tensor], directions: torch.Tensor | None = None
     ) -> None:
@@ -255,6 +348,21 @@ class EditHooks:
         check_trial_directions(directions, self.directions)
         self._use_directions(directions)
         self.strengths = {k: v.detach().float().cpu() for k, v in strengths.items()}
+        self._row_edits = {}
+        if self.row_normalization == "none":
+            return
+        source = self.directions if directions is None else directions.float()
+        for layer_index, components in enumerate(self.modules):
+            for component, module_list in components.items():
+                layer_strengths_ = self.strengths.get(component)
+                if layer_strengths_ is None or float(layer_strengths_[layer_index]) == 0.0:
+                    continue
+                weight = float(layer_strengths_[layer_index])
+                for position, module in enumerate(module_list):
+                    if module_row_normalization(module, self.row_normalization) != "none":
+                        self._row_edits[(layer_index, component, position)] = row_edit(
+                            module.weight, source[layer_index], weight, self.row_normalization
+                        )
 
     def _use_directions(self, directions: torch.Tensor | None) -> None:
         if directions is None and self._trial_directions is None:
@@ -264,6 +372,7 @@ class EditHooks:
 
     def clear(self) -> None:
         self.strengths = {}
+        self._row_edits = {}
         self._use_directions(None)
 
     def remove(self) -> None:
@@ -271,6 +380,7 @@ class EditHooks:
             handle.remove()
         self._handles = []
         self.strengths = {}
+        self._row_edits = {}
 
 
 def _writer_matrices(module: nn.Module) -> list[tuple[nn.Parameter, bool]]:
@@ -292,14 +402,25 @@ def _writer_matrices(module: nn.Module) -> list[tuple[nn.Parameter, bool]]:
     return found
 
 
+def module_row_normalization(module: nn.Module, row_normalization: str) -> str:
+    """The row normalization a hooked module gets: the setting for a linear module, "none"
+    for a mixture-of-experts block (its hook edits the summed output of all experts, where
+    no single matrix's rows exist)."""
+    return row_normalization if isinstance(module, nn.Linear) else "none"
+
+
 @torch.no_grad()
 def merge_edit(
     modules: list[dict[str, list[nn.Module]]],
     directions: torch.Tensor,
     strengths: Mapping[str, torch.Tensor],
     hidden_size: int,
+    row_normalization: str = "none",
 ) -> dict[int, torch.Tensor]:
     """Merge the edit into the weights (float32 math, cast back); returns the originals.
+
+    `row_normalization` applies to linear modules; a mixture-of-experts block's expert
+    matrices get the plain projection, as its hook does.
 
     The returned {id(param): original tensor} lets `restore_weights` undo the merge exactly,
     which subtracting the edit back in bf16 would not.
@@ -312,17 +433,23 @@ def merge_edit(
             if weight == 0.0:
                 continue
             for module in module_list:
+                mode = module_row_normalization(module, row_normalization)
                 for param, fused in _writer_matrices(module):
                     originals.setdefault(id(param), param.detach().clone())
-                    param.copy_(_edit_tensor(param, r, weight, fused, hidden_size))
+                    param.copy_(_edit_tensor(param, r, weight, fused, hidden_size, mode))
     return originals
 
 
 def _edit_tensor(
-    param: torch.Tensor, r: torch.Tensor, weight: float, fused: bool, hidden_size: int
+    param: torch.Tensor,
+    r: torch.Tensor,
+    weight: float,
+    fused: bool,
+    hidden_size: int,
+    row_normalization: str = "none",
 ) -> torch.Tensor:
     if not fused:
-        return edited_weight(param, r, weight).to(param.dtype)
+        return edited_weight(param, r, weight, row_normalization).to(param.dtype)
     # Fused experts: find which axis is the residual (output) axis.
     if param.shape[1] == hidden_size:  # (E, out=hidden, in)
         edited = torch.stack([edited_weight(p, r, weight) for p in param])

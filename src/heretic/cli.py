@@ -186,6 +186,7 @@ def _run(settings: Settings, console: Console) -> RunResult:
         model_bytes=model.nbytes,
         read_matrices=lambda: editable_matrices(_load(settings, device_map="cpu").modules),
         log=lambda line: console.print(f"  {line}", highlight=False),
+        row_normalization=settings.row_normalization,
     )
     if settings.compile:
         console.print("  compiling the model (torch.compile): the first passes are slow")

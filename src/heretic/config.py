@@ -214,6 +214,18 @@ class Settings(BaseSettings):
         description="Refusal direction a trial removes: 'per_layer' (each layer its own), "
         "'global' (one, interpolated at a searched fractional layer), 'search' (per trial).",
     )
+    row_normalization: Literal["none", "pre", "full"] = Field(
+        default="none",
+        description="How the edit treats each weight row's norm: 'none' (plain projection "
+        "W - w r r^T W), 'pre' (project the row-normalized matrix, scale rows back), 'full' "
+        "(as 'pre', then give every row its original norm back, so the edit only turns rows). "
+        "Applies to linear modules; mixture-of-experts blocks get the plain projection.",
+    )
+    orthogonalize_good_mean: bool = Field(
+        default=False,
+        description="Make each layer's refusal direction orthogonal to the mean residual of the "
+        "good prompts, so the edit leaves the part every prompt carries alone.",
+    )
     use_warm_start_params: bool = Field(
         default=True,
         description="Start a new study with known-good trials for the model's family (from "

@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from heretic.abliteration import row_edit
 from heretic.errors import ExportError
 
 LIBRARIES = ("torch", "transformers", "optuna", "accelerate", "datasets", "pydantic-settings")
@@ -113,11 +114,16 @@ def adapter_weights(
     modules: list[dict[str, list[torch.nn.Module]]],
     directions: torch.Tensor,
     strengths: Mapping[str, torch.Tensor],
+    row_normalization: str = "none",
 ) -> tuple[dict[str, torch.Tensor], list[str]]:
     """The edit as rank-1 LoRA weights, keyed the way PEFT saves them, and the target modules.
 
-    `W' = W - w r (r^T W)` is `W + B A` with `A = r^T W` (1 x in) and `B = -w r` (out x 1), so
-    with rank 1 and alpha 1 (scale 1) PEFT reproduces the merged model exactly. A mixture-of-
+    `W' = W - w a (b^T W)` (see `abliteration.row_edit`; a = b = r without row normalization)
+    is `W + B A` with `A = b^T W` (1 x in) and `B = -w a` (out x 1), so with rank 1 and alpha 1
+    (scale 1) PEFT reproduces the merged model exactly. With "full" row normalization every
+    row of `W + B A` is given back its original norm: that is exactly DoRA's
+    `m * (W + B A) / |W + B A|_row` with the magnitude m = the original row norms, so the
+    adapter is a rank-1 DoRA adapter (`lora_magnitude_vector`) and is exact too. A mixture-of-
     experts block is edited as a whole (every expert's down-projection), which PEFT's LoRA
     cannot express for fused 3-D expert tensors: that is an error, never a silent skip.
     """
@@ -139,10 +145,12 @@ def adapter_weights(
                         "adapter cannot express: use --export model (merged safetensors)."
                     )
                 w = module.weight.detach().float()
-                r_dev = r.to(w.device)
+                edit = row_edit(w, r, weight, row_normalization)
                 prefix = f"base_model.model.{name}"
-                tensors[f"{prefix}.lora_A.weight"] = (r_dev @ w).unsqueeze(0).cpu().contiguous()
-                tensors[f"{prefix}.lora_B.weight"] = (-weight * r_dev).unsqueeze(1).cpu()
+                tensors[f"{prefix}.lora_A.weight"] = (edit.b @ w).unsqueeze(0).cpu().contiguous()
+                tensors[f"{prefix}.lora_B.weight"] = (-weight * edit.a).unsqueeze(1).cpu()
+                if row_normalization == "full":
+                    tensors[f"{prefix}.lora_magnitude_vector"] = w.norm(dim=1).cpu()
                 targets.append(name)
     if not targets:
         raise ExportError(
@@ -159,12 +167,13 @@ def write_adapter_files(
     strengths: Mapping[str, torch.Tensor],
     base_model: str,
     folder: Path,
+    row_normalization: str = "none",
 ) -> list[str]:
     """adapter_config.json + adapter_model.safetensors in PEFT's format (PEFT itself is not
     needed to write them, only to load them); returns the target module names."""
     from safetensors.torch import save_file
 
-    tensors, targets = adapter_weights(model, modules, directions, strengths)
+    tensors, targets = adapter_weights(model, modules, directions, strengths, row_normalization)
     config = {
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
@@ -177,7 +186,7 @@ def write_adapter_files(
         "fan_in_fan_out": False,
         "inference_mode": True,
         "use_rslora": False,
-        "use_dora": False,
+        "use_dora": row_normalization == "full",
         "init_lora_weights": True,
     }
     folder.mkdir(parents=True, exist_ok=True)

@@ -248,6 +248,7 @@ class Finisher:
                     strengths,
                     source.hub_id or self.settings.model,
                     tmp,
+                    self.settings.row_normalization,
                 )
                 card = render_card(
                     settings=self.settings,
@@ -269,21 +270,25 @@ class Finisher:
         return written
 
     def _write_merged(self, strengths, directions: torch.Tensor, folder: Path) -> None:
-        originals = merge_edit(self.model.modules, directions, strengths, self.model.hidden_size)
+        originals = merge_edit(
+            self.model.modules,
+            directions,
+            strengths,
+            self.model.hidden_size,
+            self.settings.row_normalization,
+        )
         try:
             write_model_files(self.model.model, self.model.tokenizer, folder)
         finally:
             restore_weights(self.model.modules, originals)
 
-    def _write_gguf(
-        self, source: Path, strengths, directions: torch.Tensor, folder: Path
-    ) -> None:
+    def _write_gguf(self, source: Path, strengths, directions: torch.Tensor, folder: Path) -> None:
         import gguf
 
         from heretic.gguf_export import output_name, plan_edits, write_edited_gguf
 
         names = {t.name for t in gguf.GGUFReader(source).tensors}
-        edits = plan_edits(names, directions, strengths)
+        edits = plan_edits(names, directions, strengths, self.settings.row_normalization)
         report = write_edited_gguf(
             source,
             folder / output_name(source),

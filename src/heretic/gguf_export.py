@@ -46,10 +46,12 @@ _TENSOR_NAMES = {
 
 @dataclass(frozen=True)
 class TensorEdit:
-    """Edit one GGUF tensor along the unit direction `direction` with strength `weight`."""
+    """Edit one GGUF tensor along the unit direction `direction` with strength `weight`
+    (`row_normalization` as in `abliteration.row_edit`)."""
 
     direction: torch.Tensor
     weight: float
+    row_normalization: str = "none"
 
 
 @dataclass(frozen=True)
@@ -63,8 +65,12 @@ def plan_edits(
     tensor_names: set[str],
     directions: torch.Tensor,
     strengths: Mapping[str, torch.Tensor],
+    row_normalization: str = "none",
 ) -> dict[str, TensorEdit]:
     """Map the per-layer strengths to the GGUF tensors they edit.
+
+    Row normalization applies to the dense matrices only (`attn_output`, `ffn_down`); expert
+    tensors get the plain projection, as the search's hook on the whole expert block did.
 
     A layer whose component has a nonzero strength but none of the expected tensors is an
     error: silently skipping it would ship a model that is not the one that was evaluated.
@@ -83,7 +89,9 @@ def plan_edits(
                     "--export model (safetensors) instead."
                 )
             for name in names:
-                edits[name] = TensorEdit(directions[layer].float(), float(weight))
+                dense = name.endswith(("attn_output.weight", "ffn_down.weight"))
+                mode = row_normalization if dense else "none"
+                edits[name] = TensorEdit(directions[layer].float(), float(weight), mode)
     return edits
 
 
@@ -113,7 +121,7 @@ def _edit_tensor(tensor, edit: TensorEdit, hidden_size: int, requested: EditedTy
         )
     w = torch.from_numpy(values)
     if w.dim() == 2:
-        edited = edited_weight(w, edit.direction, edit.weight)
+        edited = edited_weight(w, edit.direction, edit.weight, edit.row_normalization)
     else:  # fused experts (E, out, in)
         edited = torch.stack([edited_weight(m, edit.direction, edit.weight) for m in w])
     qtype = _edited_type(tensor.tensor_type, requested, values.shape[-1])

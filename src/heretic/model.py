@@ -406,8 +406,10 @@ class Model:
     def length_order(self, prompts: Sequence[str]) -> list[int]:
         """Prompt indices sorted by token length (stable), so batches of neighbours need
         little padding: padded positions cost as much compute as real ones."""
-        lengths = [len(self.tokenizer(self.format_chat(p), add_special_tokens=False)["input_ids"])
-                   for p in prompts]
+        lengths = [
+            len(self.tokenizer(self.format_chat(p), add_special_tokens=False)["input_ids"])
+            for p in prompts
+        ]
         return sorted(range(len(prompts)), key=lambda i: lengths[i])
 
     def _stop_token_ids(self) -> set[int]:
@@ -438,7 +440,6 @@ class Model:
             best_size, best_rate = size, max(rate, best_rate)
             size *= 2
         return best_size
-
 
 
 class Decoding:

@@ -81,8 +81,7 @@ class SearchSpace:
             )
         if self.direction_scope not in DIRECTION_SCOPES:
             raise ValueError(
-                f"unknown direction scope {self.direction_scope!r} (choose from "
-                f"{DIRECTION_SCOPES})"
+                f"unknown direction scope {self.direction_scope!r} (choose from {DIRECTION_SCOPES})"
             )
         if self.direction_scope != "per_layer" and self.n_layers < 2:
             raise ValueError(
@@ -340,6 +339,7 @@ FINGERPRINT_SETTINGS = (
     "max_weight",
     "search_space",
     "direction_scope",
+    "row_normalization",
     "good_prompts",
     "bad_prompts",
     "good_evaluation_prompts",
@@ -350,6 +350,7 @@ batch size, select, dtype, device) can change between runs of one study."""
 
 
 EXTRA_FINGERPRINT_SETTINGS = {
+    "orthogonalize_good_mean": (),
     "use_supervised_probing": (
         "probe_l2",
         "min_probe_accuracy",

@@ -24,6 +24,7 @@ from heretic.directions import (
     ensemble,
     helpfulness_directions,
     mean_abs_cosine,
+    normalize,
     orthogonalize,
     refusal_directions,
     sacred_directions,
@@ -65,6 +66,8 @@ def extras_metadata(settings: Settings, prompts: Mapping[str, list[str]]) -> dic
             seed=settings.seed,
         )
     extras["orthogonalize_directions"] = settings.orthogonalize_directions
+    if settings.orthogonalize_good_mean:  # only when on: files made before it stay valid
+        extras["orthogonalize_good_mean"] = True
     extras["use_sacred_directions"] = settings.use_sacred_directions
     if settings.use_sacred_directions:
         extras.update(
@@ -167,6 +170,11 @@ def build_directions(
             result.refusal = apply_probes(plain, probes, pca, settings.probe_weight)
 
     against = []
+    if settings.orthogonalize_good_mean:
+        good_mean = normalize(good.double().mean(dim=0)).to(result.refusal.dtype)
+        overlap = mean_abs_cosine(result.refusal, good_mean)
+        log(f"mean |cos| between the refusal directions and the good mean: {overlap:.3f}")
+        against.append(good_mean.unsqueeze(1))
     if settings.orthogonalize_directions:
         helpful, unhelpful = (residuals_of(name) for name in HELPFULNESS_SETS)
         result.helpfulness = helpfulness_directions(helpful, unhelpful)
@@ -197,7 +205,8 @@ def build_directions(
         except ValueError as e:
             raise DirectionsError(
                 f"Orthogonalizing the refusal directions failed ({e}). Turn "
-                "orthogonalize_directions or use_sacred_directions off, or lower "
+                "orthogonalize_good_mean, orthogonalize_directions or "
+                "use_sacred_directions off, or lower "
                 "n_sacred_directions."
             ) from e
     return result

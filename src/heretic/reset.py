@@ -30,6 +30,7 @@ from heretic.abliteration import (
     _writer_matrices,
     check_directions,
     check_trial_directions,
+    module_row_normalization,
 )
 from heretic.errors import HereticError
 from heretic.model import COMPONENTS
@@ -79,9 +80,7 @@ class WeightCache:
                     "Use --reset-strategy adapter."
                 ) from e
             try:
-                cached.append(
-                    {c: [p.detach().clone() for p in ps] for c, ps in params.items()}
-                )
+                cached.append({c: [p.detach().clone() for p in ps] for c, ps in params.items()})
             except torch.OutOfMemoryError as e:
                 raise WeightCacheError(
                     f"Out of memory while caching the weights of layer {index}: the cache "
@@ -135,8 +134,7 @@ class WeightCache:
                     continue
                 if component not in cached:
                     raise WeightCacheError(
-                        f"Component {component} is missing in layer {index} of the weight "
-                        "cache."
+                        f"Component {component} is missing in layer {index} of the weight cache."
                     )
                 tensors, targets = cached[component], layer[component]
                 if len(tensors) != len(targets):
@@ -175,9 +173,16 @@ class WeightCache:
 class _InPlaceEdit:
     """Merges a trial's edit into the weights from pristine copies; subclasses restore them."""
 
-    def __init__(self, modules: Layers, directions: torch.Tensor, hidden_size: int):
+    def __init__(
+        self,
+        modules: Layers,
+        directions: torch.Tensor,
+        hidden_size: int,
+        row_normalization: str = "none",
+    ):
         check_directions(directions, len(modules))
         self.modules = modules
+        self.row_normalization = row_normalization
         self.directions = directions.float()
         self.hidden_size = hidden_size
         self.touched: set[tuple[int, str]] = set()
@@ -201,15 +206,15 @@ class _InPlaceEdit:
                 weight = float(strengths[component][index]) if component in strengths else 0.0
                 if weight == 0.0:
                     continue
-                fused_flags = [
-                    fused
+                flags = [
+                    (fused, module_row_normalization(module, self.row_normalization))
                     for module in self.modules[index][component]
                     for _, fused in _writer_matrices(module)
                 ]
                 originals = self._pristine(index, component)
-                for target, original, fused in zip(targets, originals, fused_flags, strict=True):
+                for target, original, (fused, mode) in zip(targets, originals, flags, strict=True):
                     edited = _edit_tensor(
-                        original.to(target.device), r, weight, fused, self.hidden_size
+                        original.to(target.device), r, weight, fused, self.hidden_size, mode
                     )
                     target.copy_(edited)
                 self.touched.add((index, component))
@@ -231,8 +236,9 @@ class CachedEdit(_InPlaceEdit):
         hidden_size: int,
         model_bytes: int | None = None,
         log=print,
+        row_normalization: str = "none",
     ):
-        super().__init__(modules, directions, hidden_size)
+        super().__init__(modules, directions, hidden_size, row_normalization)
         self.cache = WeightCache.create(modules, model_bytes, log)
 
     def _pristine(self, index: int, component: str) -> list[torch.Tensor]:
@@ -257,8 +263,9 @@ class ReloadEdit(_InPlaceEdit):
         directions: torch.Tensor,
         hidden_size: int,
         read_matrices: Callable[[], list[dict[str, list[torch.Tensor]]]],
+        row_normalization: str = "none",
     ):
-        super().__init__(modules, directions, hidden_size)
+        super().__init__(modules, directions, hidden_size, row_normalization)
         self.read_matrices = read_matrices
 
     def _pristine(self, index: int, component: str) -> list[torch.Tensor]:
@@ -283,14 +290,15 @@ def make_edit(
     model_bytes: int | None = None,
     read_matrices: Callable[[], list[dict[str, list[torch.Tensor]]]] | None = None,
     log=print,
+    row_normalization: str = "none",
 ):
     """The edit switch for `strategy` (one of RESET_STRATEGIES)."""
     if strategy == "adapter":
-        return EditHooks(modules, directions)
+        return EditHooks(modules, directions, row_normalization)
     if strategy == "cache":
-        return CachedEdit(modules, directions, hidden_size, model_bytes, log)
+        return CachedEdit(modules, directions, hidden_size, model_bytes, log, row_normalization)
     if strategy == "reload":
         if read_matrices is None:
             raise ValueError("the reload strategy needs a way to read the weights from disk")
-        return ReloadEdit(modules, directions, hidden_size, read_matrices)
+        return ReloadEdit(modules, directions, hidden_size, read_matrices, row_normalization)
     raise ValueError(f"unknown reset strategy {strategy!r} (choose from {RESET_STRATEGIES})")
