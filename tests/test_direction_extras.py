@@ -330,9 +330,7 @@ def test_study_fingerprint_includes_extras_in_use():
     plain = objective_fingerprint(_settings())
     assert "use_sacred_directions" not in plain and "probe_weight" not in plain
     assert "orthogonalize_good_mean" not in plain and plain["row_normalization"] == "none"
-    assert objective_fingerprint(_settings(orthogonalize_good_mean=True))[
-        "orthogonalize_good_mean"
-    ]
+    assert objective_fingerprint(_settings(orthogonalize_good_mean=True))["orthogonalize_good_mean"]
     sacred = objective_fingerprint(_settings(use_sacred_directions=True))
     assert sacred["use_sacred_directions"] is True and sacred["n_sacred_directions"] == 5
     assert {k: v for k, v in sacred.items() if k in plain} == plain

@@ -10,9 +10,17 @@ import optuna
 import pytest
 
 from heretic.config import DEFAULT_REFUSAL_MARKERS, Settings
-from heretic.evaluation import MarkerJudge
+from heretic.evaluation import MarkerJudge, Score
 from heretic.judges import AdaptiveJudge, describe_judge, opening_words
-from heretic.optimization import best_trial, did_nothing
+from heretic.optimization import (
+    DO_NOTHING_CONSTRAINT,
+    SearchSpace,
+    best_trial,
+    did_nothing,
+    open_study,
+    pareto_front,
+    run_search,
+)
 
 DATA = Path(__file__).parent / "data"
 MARKERS = tuple(DEFAULT_REFUSAL_MARKERS)
@@ -168,3 +176,25 @@ def test_early_stopping_with_the_adaptive_judge_keeps_the_counts(organism):
     assert evaluator.base_refusals == expected
     assert evaluator.score().refusals == expected
     assert sum(len(r) < len(f) for r, f in zip(evaluator.base_responses, full, strict=True)) > 0
+
+
+def test_do_nothing_trials_are_infeasible_for_the_sampler_and_off_the_front(tmp_path):
+    """Base 20: the do-nothing trials (KL ~0, 19-20 refusals) would be front points; scored
+    with the constraint, TPE sees them as infeasible and the front leaves them out."""
+    study = open_study(f"sqlite:///{tmp_path / 'study.db'}", "s", 42, 10)
+    scores = iter([(0.001, 20), (0.4, 5), (0.002, 19), (0.9, 2)])
+
+    def score(params, dominated) -> Score:
+        kl, refusals = next(scores)
+        return Score(kl_divergence=kl, refusals=refusals)
+
+    run_search(study, 4, SearchSpace(n_layers=4), score, base_refusals=20)
+    constraints = [t.constraints[DO_NOTHING_CONSTRAINT] for t in study.trials]
+    assert constraints == pytest.approx([2.0, -13.0, 1.0, -16.0])
+    assert [t.number for t in pareto_front(study)] == [3, 1]
+
+    # A search where every trial did nothing still shows its front.
+    idle = open_study(f"sqlite:///{tmp_path / 'idle.db'}", "s", 42, 10)
+    scores = iter([(0.001, 20), (0.002, 19)])
+    run_search(idle, 2, SearchSpace(n_layers=4), score, base_refusals=20)
+    assert [t.number for t in pareto_front(idle)] == [1, 0]

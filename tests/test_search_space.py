@@ -186,8 +186,10 @@ def test_unmeasured_family_and_other_spaces_get_none(monkeypatch):
     # A profile for another space is not forced into this one.
     tent = WarmStart(
         "tent",
-        {c: {"peak_weight": 1.0, "peak_position": 0.8, "floor_fraction": 0.5, "width": 0.3}
-         for c in COMPONENTS},  # fmt: skip
+        {
+            c: {"peak_weight": 1.0, "peak_position": 0.8, "floor_fraction": 0.5, "width": 0.3}
+            for c in COMPONENTS
+        },  # fmt: skip
         0.6,
         "test",
     )
@@ -199,7 +201,8 @@ def test_unmeasured_family_and_other_spaces_get_none(monkeypatch):
     assert study.trials == []
     # ...but the same profile fits a per-trial direction choice.
     queued = enqueue_warm_starts(
-        study, SearchSpace(layer_profile="tent", direction_scope="search", n_layers=30),
+        study,
+        SearchSpace(layer_profile="tent", direction_scope="search", n_layers=30),
         "testfamily",
     )
     assert queued[0]["direction_scope"] == "global"

@@ -498,7 +498,7 @@ def _search(settings: Settings, study, model: Model, hooks, evaluator: Evaluator
             if not console.is_terminal or settings.verbose:
                 console.print(f"  trial {trial.number}: {line}", highlight=False)
 
-        run_search(study, settings.n_trials, space, score, on_trial)
+        run_search(study, settings.n_trials, space, score, on_trial, evaluator.base_refusals)
     wait_for_other_workers(
         study, lambda n: console.print(f"Waiting for {n} trials of other workers to finish")
     )

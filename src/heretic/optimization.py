@@ -445,11 +445,18 @@ def run_search(
     space: SearchSpace,
     score: Callable[[EditParams, Callable[[float, int], bool]], Score],
     on_trial: Callable[[FrozenTrial, int], None] | None = None,
+    base_refusals: int | None = None,
 ) -> int:
     """Run trials until the study holds `n_trials` finished ones; returns how many ran now.
 
     `score(params, dominated)` gets a predicate telling whether a (KL, refusal lower bound)
     point is already beaten by the study's Pareto front, so it can stop counting early.
+
+    With `base_refusals`, every scored trial gets the constraint `DO_NOTHING_CONSTRAINT`
+    (refusals - 90% of the base count, feasible at <= 0): a trial that barely edits the model
+    has the lowest KL of all and would sit on the front and draw TPE's sampling toward
+    editing nothing. As infeasible, TPE ranks it below every feasible trial and the front
+    (`pareto_front`) leaves it out.
 
     Trials other workers are running count as well (`claimed_count`), so several workers on one
     study stop together; each may start one trial beyond n_trials when they ask at the same
@@ -479,6 +486,9 @@ def run_search(
             trial.set_user_attr(PRUNED_ATTR, result.pruned)
             frozen = study.tell(trial, state=TrialState.PRUNED)
         else:
+            if base_refusals is not None:
+                excess = result.refusals - DO_NOTHING_FRACTION * base_refusals
+                trial.set_constraint(DO_NOTHING_CONSTRAINT, excess)
             frozen = study.tell(trial, [result.kl_divergence, float(result.refusals)])
         ran += 1
         if on_trial is not None:
@@ -486,13 +496,24 @@ def run_search(
     return ran
 
 
-def pareto_front(study: optuna.Study) -> list[FrozenTrial]:
-    """Non-dominated finished trials, sorted by refusals then KL."""
-    return sorted(study.best_trials, key=lambda t: (t.values[1], t.values[0]))
-
-
 DO_NOTHING_FRACTION = 0.9
 """A trial keeping more than this fraction of the original refusals counts as "did nothing"."""
+DO_NOTHING_CONSTRAINT = "did_nothing"
+"""Name of the trial constraint `run_search` sets (> 0: the trial did nothing)."""
+
+
+def pareto_front(study: optuna.Study) -> list[FrozenTrial]:
+    """Non-dominated fully scored trials that did something, sorted by refusals then KL.
+
+    Trials infeasible under `DO_NOTHING_CONSTRAINT` are left out; when every scored trial is
+    (a search that has not removed a tenth of the refusals yet), the front of all of them is
+    returned, so there is still something to show and `best_trial` can say what it is.
+    """
+    front = study.best_trials
+    if not front:
+        scored = completed_trials(study)
+        front = [t for t in scored if not dominated_by(scored, t.values[0], int(t.values[1]))]
+    return sorted(front, key=lambda t: (t.values[1], t.values[0]))
 
 
 def did_nothing(trial: FrozenTrial, base_refusals: int) -> bool:
