@@ -133,19 +133,26 @@ def rejudge_ours(folder: Path, model_path: str, prompts, markers: list[str]) -> 
     """Our front trials' refusal counts under upstream's judging rule, so both tools' fronts are
     judged alike: each front trial's responses are generated again (greedy, 100 tokens, the
     trial's edit as hooks) and counted with `upstream_rule`."""
+    import optuna
+
     from heretic.abliteration import EditHooks, edit_from_params
     from heretic.config import DatasetSpecification
     from heretic.directions import DIRECTIONS_FILE, load_directions
     from heretic.model import load_model
-    from heretic.optimization import params_from_trial
+    from heretic.optimization import FINGERPRINT_ATTR, params_from_trial
     from heretic.prompts import load_prompts
 
     path, split = prompts["bad_evaluation_prompts"]
     bad = load_prompts(DatasetSpecification(dataset=str(path), split=split), "bad")
     model = load_model(model_path, system_prompt=SYSTEM_PROMPT)
     directions, _ = load_directions(folder / "out" / DIRECTIONS_FILE)
-    hooks = EditHooks(model.modules, directions)
-    trials = {t.number: t for t in our_trials(folder / "out")}
+    # The edit as the study scored it: its row normalization is in the study's fingerprint.
+    study = optuna.load_study(
+        study_name="heretic", storage=f"sqlite:///{(folder / 'out' / 'study.db').resolve()}"
+    )
+    fingerprint = study.user_attrs.get(FINGERPRINT_ATTR, {})
+    hooks = EditHooks(model.modules, directions, fingerprint.get("row_normalization", "none"))
+    trials = {t.number: t for t in study.trials}
     counts = {}
     for _, _, number in pareto(our_points(folder / "out")):
         strengths, trial_directions = edit_from_params(

@@ -69,8 +69,19 @@ class RowEdit:
         return edited
 
 
-def row_edit(w_matrix: torch.Tensor, r: torch.Tensor, weight: float, mode: str = "none") -> RowEdit:
+def row_edit(
+    w_matrix: torch.Tensor,
+    r: torch.Tensor,
+    weight: float,
+    mode: str = "none",
+    readout: torch.Tensor | None = None,
+) -> RowEdit:
     """The edit of W along the unit direction r, with or without row normalization.
+
+    With a fitted `readout` v (`directions.fit_readouts`) the edit is `W - weight r (v^T W)`:
+    it reads v and writes along r, so it removes only the refusal-specific part of what the
+    module writes along r. A readout takes the place of row normalization (mode must be
+    "none").
 
     - "none": `W - weight r (r^T W)`, the plain projection.
     - "pre": the projection is taken of the row-normalized matrix Wn = W / n (n: each output
@@ -90,6 +101,10 @@ def row_edit(w_matrix: torch.Tensor, r: torch.Tensor, weight: float, mode: str =
         raise ValueError(f"unknown row normalization {mode!r} (choose from {ROW_NORMALIZATIONS})")
     w32 = w_matrix.float()
     r32 = r.float().to(w32.device)
+    if readout is not None:
+        if mode != "none":
+            raise ValueError(f"a fitted readout replaces row normalization; got mode {mode!r}")
+        return RowEdit(a=r32, b=readout.float().to(w32.device), weight=weight)
     if mode == "none":
         return RowEdit(a=r32, b=r32, weight=weight)
     norms = w32.norm(dim=1)
@@ -107,10 +122,29 @@ def row_edit(w_matrix: torch.Tensor, r: torch.Tensor, weight: float, mode: str =
 
 
 def edited_weight(
-    w_matrix: torch.Tensor, r: torch.Tensor, weight: float, mode: str = "none"
+    w_matrix: torch.Tensor,
+    r: torch.Tensor,
+    weight: float,
+    mode: str = "none",
+    readout: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """W' in float32 for W of shape (out, in) and unit r of shape (out,); see `row_edit`."""
-    return row_edit(w_matrix, r, weight, mode).merged(w_matrix)
+    return row_edit(w_matrix, r, weight, mode, readout).merged(w_matrix)
+
+
+def check_readouts(readouts: torch.Tensor | None, directions: torch.Tensor) -> None:
+    """Fitted readouts are one vector per layer and component, of the directions' size."""
+    if readouts is None:
+        return
+    expected = (directions.shape[0], len(COMPONENTS), directions.shape[1])
+    if tuple(readouts.shape) != expected:
+        raise ValueError(f"readouts {tuple(readouts.shape)} do not match the expected {expected}")
+
+
+def component_readout(
+    readouts: torch.Tensor | None, layer: int, component: str
+) -> torch.Tensor | None:
+    return None if readouts is None else readouts[layer, COMPONENTS.index(component)]
 
 
 @dataclass(frozen=True)
@@ -283,6 +317,8 @@ class EditHooks:
     With row normalization ("pre", "full"), each linear module's `RowEdit` depends on its
     weights, so it is computed per trial in `set_strengths` (two matrix-vector products per
     module); a mixture-of-experts block is hooked as a whole and gets the plain projection.
+    With fitted `readouts` (n_layers, n_components, hidden), every module's edit reads its
+    own readout (`row_edit`); they belong to the installed per-layer directions.
     """
 
     def __init__(
@@ -290,8 +326,13 @@ class EditHooks:
         modules: list[dict[str, list[nn.Module]]],
         directions: torch.Tensor,
         row_normalization: str = "none",
+        readouts: torch.Tensor | None = None,
     ):
         check_directions(directions, len(modules))
+        check_readouts(readouts, directions)
+        if readouts is not None and row_normalization != "none":
+            raise ValueError("fitted readouts replace row normalization: use one or the other")
+        self.readouts = None if readouts is None else readouts.float()
         if row_normalization not in ROW_NORMALIZATIONS:
             raise ValueError(
                 f"unknown row normalization {row_normalization!r} "
@@ -349,8 +390,14 @@ class EditHooks:
         self._use_directions(directions)
         self.strengths = {k: v.detach().float().cpu() for k, v in strengths.items()}
         self._row_edits = {}
-        if self.row_normalization == "none":
+        if self.row_normalization == "none" and self.readouts is None:
             return
+        if self.readouts is not None and directions is not None:
+            if not torch.equal(directions.float(), self.directions):
+                raise ValueError(
+                    "fitted readouts belong to the installed per-layer directions; this trial "
+                    "has its own (direction_scope must be per_layer)"
+                )
         source = self.directions if directions is None else directions.float()
         for layer_index, components in enumerate(self.modules):
             for component, module_list in components.items():
@@ -358,9 +405,16 @@ class EditHooks:
                 if layer_strengths_ is None or float(layer_strengths_[layer_index]) == 0.0:
                     continue
                 weight = float(layer_strengths_[layer_index])
+                readout = component_readout(self.readouts, layer_index, component)
                 for position, module in enumerate(module_list):
-                    if module_row_normalization(module, self.row_normalization) != "none":
-                        self._row_edits[(layer_index, component, position)] = row_edit(
+                    key = (layer_index, component, position)
+                    if readout is not None:
+                        device = next(module.parameters()).device
+                        self._row_edits[key] = RowEdit(
+                            a=source[layer_index].to(device), b=readout.to(device), weight=weight
+                        )
+                    elif module_row_normalization(module, self.row_normalization) != "none":
+                        self._row_edits[key] = row_edit(
                             module.weight, source[layer_index], weight, self.row_normalization
                         )
 
@@ -416,8 +470,12 @@ def merge_edit(
     strengths: Mapping[str, torch.Tensor],
     hidden_size: int,
     row_normalization: str = "none",
+    readouts: torch.Tensor | None = None,
 ) -> dict[int, torch.Tensor]:
     """Merge the edit into the weights (float32 math, cast back); returns the originals.
+
+    With fitted `readouts`, every module (a mixture-of-experts block's experts included: the
+    edit is linear in the block's output) reads its layer's readout.
 
     `row_normalization` applies to linear modules; a mixture-of-experts block's expert
     matrices get the plain projection, as its hook does.
@@ -432,11 +490,12 @@ def merge_edit(
             weight = float(strengths[component][layer_index])
             if weight == 0.0:
                 continue
+            readout = component_readout(readouts, layer_index, component)
             for module in module_list:
                 mode = module_row_normalization(module, row_normalization)
                 for param, fused in _writer_matrices(module):
                     originals.setdefault(id(param), param.detach().clone())
-                    param.copy_(_edit_tensor(param, r, weight, fused, hidden_size, mode))
+                    param.copy_(_edit_tensor(param, r, weight, fused, hidden_size, mode, readout))
     return originals
 
 
@@ -447,14 +506,15 @@ def _edit_tensor(
     fused: bool,
     hidden_size: int,
     row_normalization: str = "none",
+    readout: torch.Tensor | None = None,
 ) -> torch.Tensor:
     if not fused:
-        return edited_weight(param, r, weight, row_normalization).to(param.dtype)
+        return edited_weight(param, r, weight, row_normalization, readout).to(param.dtype)
     # Fused experts: find which axis is the residual (output) axis.
     if param.shape[1] == hidden_size:  # (E, out=hidden, in)
-        edited = torch.stack([edited_weight(p, r, weight) for p in param])
+        edited = torch.stack([edited_weight(p, r, weight, "none", readout) for p in param])
     elif param.shape[2] == hidden_size:  # (E, in, out=hidden): the transpose convention
-        edited = torch.stack([edited_weight(p.T, r, weight).T for p in param])
+        edited = torch.stack([edited_weight(p.T, r, weight, "none", readout).T for p in param])
     else:
         raise ValueError(f"fused expert tensor {tuple(param.shape)} has no axis of {hidden_size}")
     return edited.to(param.dtype)

@@ -27,6 +27,8 @@ from heretic.config import Settings, load_settings
 from heretic.directions import (
     DIRECTIONS_FILE,
     check_directions_shape,
+    fit_readouts,
+    load_direction_extras,
     load_directions,
     metadata_differences,
     prompts_digest,
@@ -36,7 +38,7 @@ from heretic.errors import HereticError
 from heretic.evaluation import Evaluator, MarkerJudge, Score
 from heretic.finish import Finisher
 from heretic.judges import OPENING_TOKENS, AdaptiveJudge
-from heretic.model import Model, load_model
+from heretic.model import COMPONENTS, Model, load_model
 from heretic.optimization import (
     KL_ATTR,
     PRUNED_ATTR,
@@ -57,6 +59,7 @@ from heretic.optimization import (
 )
 from heretic.prompts import load_prompts
 from heretic.refinements import (
+    READOUTS_KEY,
     DirectionSet,
     build_directions,
     extra_prompt_sets,
@@ -177,7 +180,7 @@ def _run(settings: Settings, console: Console) -> RunResult:
         )
         console.print(f"  automatic batch size: {batch_size}")
 
-    directions = _directions(model, prompts, settings, batch_size, console)
+    directions, readouts = _directions(model, prompts, settings, batch_size, console)
     hooks = make_edit(
         settings.reset_strategy,
         model.modules,
@@ -187,6 +190,7 @@ def _run(settings: Settings, console: Console) -> RunResult:
         read_matrices=lambda: editable_matrices(_load(settings, device_map="cpu").modules),
         log=lambda line: console.print(f"  {line}", highlight=False),
         row_normalization=settings.row_normalization,
+        readouts=readouts,
     )
     if settings.compile:
         console.print("  compiling the model (torch.compile): the first passes are slow")
@@ -300,8 +304,9 @@ def _load(settings: Settings, device_map: str | None = None) -> Model:
 
 def _directions(
     model: Model, prompts: dict, settings: Settings, batch_size: int, console: Console
-) -> torch.Tensor:
-    """Refusal directions: from --directions, reused from the output folder, or computed.
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Refusal directions and, with readout 'fitted', the fitted readouts (else None): from
+    --directions, reused from the output folder, or computed.
 
     Computed directions are saved to OUTPUT_DIR/directions.safetensors (atomically) with the
     model, its shape, the method and a hash of the prompts; a rerun or another worker with the
@@ -326,7 +331,7 @@ def _directions(
         for line in metadata_differences(stored, metadata):
             console.print(f"[yellow]Warning:[/] --directions {escape(line)}", highlight=False)
         console.print(f"Using refusal directions from {settings.directions}")
-        return directions
+        return directions, _stored_readouts(settings.directions, settings)
 
     path = settings.output_dir / DIRECTIONS_FILE
     lock = settings.output_dir / ".directions.lock"
@@ -337,7 +342,7 @@ def _directions(
             differences = metadata_differences(stored, metadata)
             if not differences:
                 console.print(f"Reusing refusal directions from {path}")
-                return directions
+                return directions, _stored_readouts(path, settings)
             console.print(
                 escape(
                     f"{path} was made with other settings ({'; '.join(differences)}): recomputing"
@@ -347,7 +352,21 @@ def _directions(
         direction_set = _compute_directions(model, prompts, settings, batch_size, console)
         save_directions(path, direction_set.refusal, metadata, direction_set.extra_tensors())
         console.print(f"Saved refusal directions to {path}")
-        return direction_set.refusal
+        return direction_set.refusal, direction_set.readouts
+
+
+def _stored_readouts(path: Path, settings: Settings) -> torch.Tensor | None:
+    """The fitted readouts saved in a directions file, when readout 'fitted' needs them."""
+    if settings.readout != "fitted":
+        return None
+    readouts = load_direction_extras(path).get(READOUTS_KEY)
+    if readouts is None:
+        raise HereticError(
+            f"Directions file {path} holds no fitted readouts, which readout 'fitted' needs: "
+            "let heretic compute the directions (drop --directions) or set readout to "
+            "'direction'."
+        )
+    return readouts
 
 
 def _compute_directions(
@@ -381,7 +400,7 @@ def _compute_directions(
 
     good = residuals_of("good_prompts")
     bad = residuals_of("bad_prompts")
-    return build_directions(
+    result = build_directions(
         good,
         bad,
         settings,
@@ -390,6 +409,23 @@ def _compute_directions(
         log=lambda line: console.print(f"  {escape(line)}", highlight=False),
         warn=lambda line: console.print(f"[yellow]Warning:[/] {escape(line)}", highlight=False),
     )
+    if settings.readout == "fitted":
+        outputs = {}
+        for name in ("good_prompts", "bad_prompts"):
+            with _progress(console) as progress:
+                task = progress.add_task(
+                    f"Module outputs for {name}", total=len(prompts[name]), info=""
+                )
+                outputs[name] = model.module_outputs(
+                    prompts[name], batch_size, lambda n, task=task: progress.advance(task, n)
+                )
+        result.readouts = fit_readouts(
+            outputs["good_prompts"], outputs["bad_prompts"], result.refusal, settings.readout_ridge
+        )
+        console.print(
+            f"  fitted {model.n_layers * len(COMPONENTS)} readouts (ridge {settings.readout_ridge})"
+        )
+    return result
 
 
 def _open_study(settings: Settings, console: Console):

@@ -221,6 +221,19 @@ class Settings(BaseSettings):
         "(as 'pre', then give every row its original norm back, so the edit only turns rows). "
         "Applies to linear modules; mixture-of-experts blocks get the plain projection.",
     )
+    readout: Literal["direction", "fitted"] = Field(
+        default="direction",
+        description="What each module's edit reads: 'direction' (the refusal direction: the "
+        "classic W - w r r^T W) or 'fitted' (a per-module readout fitted by ridge regression so "
+        "that harmless outputs are left alone: W - w r v^T W; needs direction_scope per_layer "
+        "and row_normalization none).",
+    )
+    readout_ridge: float = Field(
+        default=0.01,
+        gt=0.0,
+        description="Ridge penalty of the fitted readouts, relative to the module outputs' mean "
+        "squared norm per dimension.",
+    )
     orthogonalize_good_mean: bool = Field(
         default=False,
         description="Make each layer's refusal direction orthogonal to the mean residual of the "
@@ -427,6 +440,22 @@ class Settings(BaseSettings):
         if value in ("ask", "best", "none") or value.isdigit():
             return value
         raise ValueError("must be 'ask', 'best', 'none' or a trial number")
+
+    @model_validator(mode="after")
+    def _check_readout(self) -> Settings:
+        if self.readout == "fitted":
+            if self.row_normalization != "none":
+                raise ValueError(
+                    "readout 'fitted' replaces row normalization: set row_normalization to "
+                    f"'none' (it is {self.row_normalization!r}) or readout to 'direction'"
+                )
+            if self.direction_scope != "per_layer":
+                raise ValueError(
+                    "readout 'fitted' fits one readout per layer's own direction: set "
+                    f"direction_scope to 'per_layer' (it is {self.direction_scope!r}) or readout "
+                    "to 'direction'"
+                )
+        return self
 
     @model_validator(mode="after")
     def _check_compile(self) -> Settings:

@@ -303,3 +303,68 @@ def ensemble(probe: torch.Tensor, pca: torch.Tensor, probe_weight: float) -> tor
     p = normalize(probe.double())
     q = align_signs(normalize(pca.double()), p)
     return normalize(probe_weight * p + (1.0 - probe_weight) * q).to(probe.dtype)
+
+
+# --------------------------------------------------------------------------------------------
+# Fitted readouts: what each module's edit reads, instead of the refusal direction itself
+# --------------------------------------------------------------------------------------------
+
+
+def fit_readouts(
+    good: torch.Tensor, bad: torch.Tensor, directions: torch.Tensor, ridge: float
+) -> torch.Tensor:
+    """Per module, the readout v of the edit `h <- h - w r (v . h)` (see `abliteration.row_edit`).
+
+    The plain edit reads v = r: it removes a module's whole contribution along r. But harmless
+    prompts' module outputs have a large component along r too (their mean along r is often as
+    big as the harmful prompts'), and removing it is most of an edit's damage. The fitted v
+    reads only the refusal-specific part: ridge regression on the module outputs at the last
+    prompt token, with target 0 for the good prompts and `r . h - c` for the bad ones (c: the
+    good prompts' mean along r), so the edit leaves harmless outputs (nearly) alone and moves
+    harmful ones to where harmless ones sit along r. It stays a rank-1 linear edit of W
+    (`W - w r (v^T W)`), so merging, adapters and GGUF export work unchanged.
+
+    `good`/`bad` are (n, n_layers, n_components, hidden) module outputs, `directions` the
+    (n_layers, hidden) refusal directions; `ridge` scales the penalty by the outputs' mean
+    squared norm per dimension, so one value suits every layer. Solved in float64, in the dual
+    (n x n) when there are fewer prompts than dimensions. Returns float32 (n_layers,
+    n_components, hidden).
+    """
+    if good.dim() != 4 or bad.dim() != 4 or good.shape[1:] != bad.shape[1:]:
+        raise ValueError(
+            f"module outputs must be (n, layers, components, hidden) with equal shapes; got "
+            f"{tuple(good.shape)} and {tuple(bad.shape)}"
+        )
+    n_layers, n_components, hidden = good.shape[1:]
+    if tuple(directions.shape) != (n_layers, hidden):
+        raise ValueError(
+            f"directions {tuple(directions.shape)} do not match the module outputs "
+            f"({n_layers} layers, hidden {hidden})"
+        )
+    if len(good) < 2 or len(bad) < 2:
+        raise ValueError(
+            f"fitting readouts needs at least 2 good and 2 bad prompts; got {len(good)} and "
+            f"{len(bad)}"
+        )
+    if ridge <= 0:
+        raise ValueError(f"ridge must be positive, got {ridge}")
+    readouts = torch.empty(n_layers, n_components, hidden)
+    for layer in range(n_layers):
+        r = directions[layer].double()
+        for component in range(n_components):
+            g = good[:, layer, component].double()
+            b = bad[:, layer, component].double()
+            x = torch.cat([g, b])
+            target = torch.cat([torch.zeros(len(g), dtype=x.dtype), b @ r - (g @ r).mean()])
+            penalty = ridge * float((x * x).sum()) / hidden
+            if penalty == 0.0:  # the module writes nothing here: nothing to read
+                readouts[layer, component] = 0.0
+                continue
+            if len(x) < hidden:  # dual: v = X^T (X X^T + p I)^-1 t
+                gram = x @ x.T + penalty * torch.eye(len(x), dtype=x.dtype)
+                v = x.T @ torch.linalg.solve(gram, target)
+            else:  # primal: v = (X^T X + p I)^-1 X^T t
+                gram = x.T @ x + penalty * torch.eye(hidden, dtype=x.dtype)
+                v = torch.linalg.solve(gram, x.T @ target)
+            readouts[layer, component] = v.float()
+    return readouts

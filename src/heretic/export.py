@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from heretic.abliteration import row_edit
+from heretic.abliteration import component_readout, row_edit
 from heretic.errors import ExportError
 
 LIBRARIES = ("torch", "transformers", "optuna", "accelerate", "datasets", "pydantic-settings")
@@ -115,12 +115,14 @@ def adapter_weights(
     directions: torch.Tensor,
     strengths: Mapping[str, torch.Tensor],
     row_normalization: str = "none",
+    readouts: torch.Tensor | None = None,
 ) -> tuple[dict[str, torch.Tensor], list[str]]:
     """The edit as rank-1 LoRA weights, keyed the way PEFT saves them, and the target modules.
 
     `W' = W - w a (b^T W)` (see `abliteration.row_edit`; a = b = r without row normalization)
     is `W + B A` with `A = b^T W` (1 x in) and `B = -w a` (out x 1), so with rank 1 and alpha 1
-    (scale 1) PEFT reproduces the merged model exactly. With "full" row normalization every
+    (scale 1) PEFT reproduces the merged model exactly (b is the fitted readout where
+    `readouts` are given). With "full" row normalization every
     row of `W + B A` is given back its original norm: that is exactly DoRA's
     `m * (W + B A) / |W + B A|_row` with the magnitude m = the original row norms, so the
     adapter is a rank-1 DoRA adapter (`lora_magnitude_vector`) and is exact too. A mixture-of-
@@ -145,7 +147,8 @@ def adapter_weights(
                         "adapter cannot express: use --export model (merged safetensors)."
                     )
                 w = module.weight.detach().float()
-                edit = row_edit(w, r, weight, row_normalization)
+                readout = component_readout(readouts, layer, component)
+                edit = row_edit(w, r, weight, row_normalization, readout)
                 prefix = f"base_model.model.{name}"
                 tensors[f"{prefix}.lora_A.weight"] = (edit.b @ w).unsqueeze(0).cpu().contiguous()
                 tensors[f"{prefix}.lora_B.weight"] = (-weight * edit.a).unsqueeze(1).cpu()
@@ -168,12 +171,15 @@ def write_adapter_files(
     base_model: str,
     folder: Path,
     row_normalization: str = "none",
+    readouts: torch.Tensor | None = None,
 ) -> list[str]:
     """adapter_config.json + adapter_model.safetensors in PEFT's format (PEFT itself is not
     needed to write them, only to load them); returns the target module names."""
     from safetensors.torch import save_file
 
-    tensors, targets = adapter_weights(model, modules, directions, strengths, row_normalization)
+    tensors, targets = adapter_weights(
+        model, modules, directions, strengths, row_normalization, readouts
+    )
     config = {
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",

@@ -249,6 +249,7 @@ class Finisher:
                     source.hub_id or self.settings.model,
                     tmp,
                     self.settings.row_normalization,
+                    self.hooks.readouts,
                 )
                 card = render_card(
                     settings=self.settings,
@@ -276,6 +277,7 @@ class Finisher:
             strengths,
             self.model.hidden_size,
             self.settings.row_normalization,
+            self.hooks.readouts,
         )
         try:
             write_model_files(self.model.model, self.model.tokenizer, folder)
@@ -288,7 +290,9 @@ class Finisher:
         from heretic.gguf_export import output_name, plan_edits, write_edited_gguf
 
         names = {t.name for t in gguf.GGUFReader(source).tensors}
-        edits = plan_edits(names, directions, strengths, self.settings.row_normalization)
+        edits = plan_edits(
+            names, directions, strengths, self.settings.row_normalization, self.hooks.readouts
+        )
         report = write_edited_gguf(
             source,
             folder / output_name(source),

@@ -25,7 +25,7 @@ from typing import Literal
 import numpy as np
 import torch
 
-from heretic.abliteration import edited_weight
+from heretic.abliteration import component_readout, edited_weight
 from heretic.errors import ExportError
 from heretic.model import ATTN, MLP
 
@@ -52,6 +52,7 @@ class TensorEdit:
     direction: torch.Tensor
     weight: float
     row_normalization: str = "none"
+    readout: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -66,6 +67,7 @@ def plan_edits(
     directions: torch.Tensor,
     strengths: Mapping[str, torch.Tensor],
     row_normalization: str = "none",
+    readouts: torch.Tensor | None = None,
 ) -> dict[str, TensorEdit]:
     """Map the per-layer strengths to the GGUF tensors they edit.
 
@@ -91,7 +93,8 @@ def plan_edits(
             for name in names:
                 dense = name.endswith(("attn_output.weight", "ffn_down.weight"))
                 mode = row_normalization if dense else "none"
-                edits[name] = TensorEdit(directions[layer].float(), float(weight), mode)
+                readout = component_readout(readouts, layer, component)
+                edits[name] = TensorEdit(directions[layer].float(), float(weight), mode, readout)
     return edits
 
 
@@ -121,9 +124,11 @@ def _edit_tensor(tensor, edit: TensorEdit, hidden_size: int, requested: EditedTy
         )
     w = torch.from_numpy(values)
     if w.dim() == 2:
-        edited = edited_weight(w, edit.direction, edit.weight, edit.row_normalization)
+        edited = edited_weight(w, edit.direction, edit.weight, edit.row_normalization, edit.readout)
     else:  # fused experts (E, out, in)
-        edited = torch.stack([edited_weight(m, edit.direction, edit.weight) for m in w])
+        edited = torch.stack(
+            [edited_weight(m, edit.direction, edit.weight, "none", edit.readout) for m in w]
+        )
     qtype = _edited_type(tensor.tensor_type, requested, values.shape[-1])
     array = edited.numpy()
     if qtype == Q.F32:

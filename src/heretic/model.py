@@ -268,15 +268,38 @@ class Model:
         Returns float32 (n_prompts, n_layers, hidden). Captured with hooks on the layers, so the
         final norm is never mixed in and the LM head is never computed.
         """
-        captured: list[torch.Tensor | None] = [None] * self.n_layers
+        return self._last_token_outputs(list(self.layers), prompts, batch_size, progress)
+
+    def module_outputs(
+        self, prompts: Sequence[str], batch_size: int, progress: Callable[[int], None] | None = None
+    ) -> torch.Tensor:
+        """What each editable module writes into the residual stream at the last prompt token.
+
+        Returns (n_prompts, n_layers, len(COMPONENTS), hidden) in bfloat16 (half the memory of
+        float32; the fits that use them work in float64), for the fitted readouts.
+        """
+        targets = [self.modules[i][c][0] for i in range(self.n_layers) for c in COMPONENTS]
+        out = self._last_token_outputs(targets, prompts, batch_size, progress, torch.bfloat16)
+        return out.view(len(prompts), self.n_layers, len(COMPONENTS), -1)
+
+    @torch.no_grad()
+    def _last_token_outputs(
+        self,
+        targets: list[nn.Module],
+        prompts: Sequence[str],
+        batch_size: int,
+        progress: Callable[[int], None] | None = None,
+        dtype: torch.dtype = torch.float32,
+    ) -> torch.Tensor:
+        captured: list[torch.Tensor | None] = [None] * len(targets)
 
         def make_hook(i: int):
             def hook(_module, _inputs, output):
-                captured[i] = _module_output(output)[:, -1, :].float().cpu()
+                captured[i] = _module_output(output)[:, -1, :].to(dtype).cpu()
 
             return hook
 
-        handles = [layer.register_forward_hook(make_hook(i)) for i, layer in enumerate(self.layers)]
+        handles = [t.register_forward_hook(make_hook(i)) for i, t in enumerate(targets)]
         out = []
         try:
             for start in range(0, len(prompts), batch_size):

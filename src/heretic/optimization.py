@@ -340,6 +340,7 @@ FINGERPRINT_SETTINGS = (
     "search_space",
     "direction_scope",
     "row_normalization",
+    "readout",
     "good_prompts",
     "bad_prompts",
     "good_evaluation_prompts",
@@ -378,6 +379,8 @@ def objective_fingerprint(settings: BaseModel) -> dict[str, Any]:
         if dumped.get(switch):
             fingerprint[switch] = True
             fingerprint.update({name: dumped[name] for name in names})
+    if dumped.get("readout") == "fitted":
+        fingerprint["readout_ridge"] = dumped["readout_ridge"]
     return fingerprint
 
 

@@ -38,6 +38,7 @@ SACRED_SETS = ("sacred_prompts", "sacred_baseline_prompts")
 HELPFULNESS_KEY = "helpfulness_directions"
 SACRED_KEY = "sacred_directions"
 PROBE_ACCURACY_KEY = "probe_accuracy"
+READOUTS_KEY = "readouts"
 
 
 def extra_prompt_sets(settings: Settings) -> tuple[str, ...]:
@@ -68,6 +69,8 @@ def extras_metadata(settings: Settings, prompts: Mapping[str, list[str]]) -> dic
     extras["orthogonalize_directions"] = settings.orthogonalize_directions
     if settings.orthogonalize_good_mean:  # only when on: files made before it stay valid
         extras["orthogonalize_good_mean"] = True
+    if settings.readout == "fitted":
+        extras.update(readout="fitted", readout_ridge=settings.readout_ridge)
     extras["use_sacred_directions"] = settings.use_sacred_directions
     if settings.use_sacred_directions:
         extras.update(
@@ -90,6 +93,7 @@ class DirectionSet:
     sacred: torch.Tensor | None = None
     probes: ProbeResult | None = None
     sacred_overlap: float | None = None
+    readouts: torch.Tensor | None = None
 
     def extra_tensors(self) -> dict[str, torch.Tensor]:
         """The tensors saved next to the refusal directions in the directions file."""
@@ -100,6 +104,8 @@ class DirectionSet:
             tensors[SACRED_KEY] = self.sacred
         if self.probes is not None:
             tensors[PROBE_ACCURACY_KEY] = self.probes.accuracy
+        if self.readouts is not None:
+            tensors[READOUTS_KEY] = self.readouts
         return tensors
 
 

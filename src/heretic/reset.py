@@ -29,7 +29,9 @@ from heretic.abliteration import (
     _edit_tensor,
     _writer_matrices,
     check_directions,
+    check_readouts,
     check_trial_directions,
+    component_readout,
     module_row_normalization,
 )
 from heretic.errors import HereticError
@@ -179,10 +181,13 @@ class _InPlaceEdit:
         directions: torch.Tensor,
         hidden_size: int,
         row_normalization: str = "none",
+        readouts: torch.Tensor | None = None,
     ):
         check_directions(directions, len(modules))
+        check_readouts(readouts, directions)
         self.modules = modules
         self.row_normalization = row_normalization
+        self.readouts = None if readouts is None else readouts.float()
         self.directions = directions.float()
         self.hidden_size = hidden_size
         self.touched: set[tuple[int, str]] = set()
@@ -212,9 +217,16 @@ class _InPlaceEdit:
                     for _, fused in _writer_matrices(module)
                 ]
                 originals = self._pristine(index, component)
+                readout = component_readout(self.readouts, index, component)
                 for target, original, (fused, mode) in zip(targets, originals, flags, strict=True):
                     edited = _edit_tensor(
-                        original.to(target.device), r, weight, fused, self.hidden_size, mode
+                        original.to(target.device),
+                        r,
+                        weight,
+                        fused,
+                        self.hidden_size,
+                        mode,
+                        readout,
                     )
                     target.copy_(edited)
                 self.touched.add((index, component))
@@ -237,8 +249,9 @@ class CachedEdit(_InPlaceEdit):
         model_bytes: int | None = None,
         log=print,
         row_normalization: str = "none",
+        readouts: torch.Tensor | None = None,
     ):
-        super().__init__(modules, directions, hidden_size, row_normalization)
+        super().__init__(modules, directions, hidden_size, row_normalization, readouts)
         self.cache = WeightCache.create(modules, model_bytes, log)
 
     def _pristine(self, index: int, component: str) -> list[torch.Tensor]:
@@ -264,8 +277,9 @@ class ReloadEdit(_InPlaceEdit):
         hidden_size: int,
         read_matrices: Callable[[], list[dict[str, list[torch.Tensor]]]],
         row_normalization: str = "none",
+        readouts: torch.Tensor | None = None,
     ):
-        super().__init__(modules, directions, hidden_size, row_normalization)
+        super().__init__(modules, directions, hidden_size, row_normalization, readouts)
         self.read_matrices = read_matrices
 
     def _pristine(self, index: int, component: str) -> list[torch.Tensor]:
@@ -291,14 +305,19 @@ def make_edit(
     read_matrices: Callable[[], list[dict[str, list[torch.Tensor]]]] | None = None,
     log=print,
     row_normalization: str = "none",
+    readouts: torch.Tensor | None = None,
 ):
     """The edit switch for `strategy` (one of RESET_STRATEGIES)."""
     if strategy == "adapter":
-        return EditHooks(modules, directions, row_normalization)
+        return EditHooks(modules, directions, row_normalization, readouts)
     if strategy == "cache":
-        return CachedEdit(modules, directions, hidden_size, model_bytes, log, row_normalization)
+        return CachedEdit(
+            modules, directions, hidden_size, model_bytes, log, row_normalization, readouts
+        )
     if strategy == "reload":
         if read_matrices is None:
             raise ValueError("the reload strategy needs a way to read the weights from disk")
-        return ReloadEdit(modules, directions, hidden_size, read_matrices, row_normalization)
+        return ReloadEdit(
+            modules, directions, hidden_size, read_matrices, row_normalization, readouts
+        )
     raise ValueError(f"unknown reset strategy {strategy!r} (choose from {RESET_STRATEGIES})")
