@@ -145,7 +145,10 @@ def test_sacred_directions_find_extra_variance():
 
 
 def _settings(**extra):
-    return load_settings([], model="m", **extra)
+    """Settings with the refinements of this file off unless a test turns them on."""
+    return load_settings(
+        [], model="m", **{"orthogonalize_good_mean": False, "readout": "direction", **extra}
+    )
 
 
 def test_build_directions_falls_back_when_probes_lack_refusals():
@@ -284,7 +287,14 @@ def test_pipeline_saves_and_reuses_extras(tiny_chat_model, tmp_path, monkeypatch
             "sacred_baseline_prompts": (files["prose"], "[:12]"),
         }
         prompt_sets = {k: {**spec, "dataset": str(p), "split": s} for k, (p, s) in sets.items()}
-        options = {"n_trials": 1, "max_response_length": 2, "batch_size": 8, "select": "none"}
+        options = {
+            "n_trials": 1,
+            "max_response_length": 2,
+            "batch_size": 8,
+            "select": "none",
+            "orthogonalize_good_mean": False,
+            "readout": "direction",
+        }
         return load_settings(
             [],
             model=str(tiny_chat_model),

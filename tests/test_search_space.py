@@ -221,7 +221,9 @@ def test_resumed_study_with_another_search_space_is_refused(tmp_path):
         check_fingerprint(
             study,
             objective_fingerprint(
-                Settings(model="m", search_space="tent", direction_scope="search")
+                Settings(
+                    model="m", search_space="tent", direction_scope="search", readout="direction"
+                )
             ),
         )
     same = Settings(model="m", search_space="tent")
@@ -249,7 +251,8 @@ def test_tent_global_run_saves_the_trials_direction(tiny_chat_model, tmp_path, m
         files[name].write_text("\n".join(lines) + "\n")
     out = tmp_path / "out"
     extra = ("--n-trials", "2", "--select", "best", "--search-space", "tent",
-             "--direction-scope", "global", "--export", "model,adapter")  # fmt: skip
+             "--direction-scope", "global", "--readout", "direction",
+             "--export", "model,adapter")  # fmt: skip
     result = run(load_settings(_argv(tiny_chat_model, files, out, *extra)), _quiet())
     meta = json.loads((out / "heretic_metadata.json").read_text())
     assert set(meta["best_params"][ATTN]) == {"peak_weight", "peak_position", "floor_weight",

@@ -222,7 +222,7 @@ class Settings(BaseSettings):
         "Applies to linear modules; mixture-of-experts blocks get the plain projection.",
     )
     readout: Literal["direction", "fitted"] = Field(
-        default="direction",
+        default="fitted",
         description="What each module's edit reads: 'direction' (the refusal direction: the "
         "classic W - w r r^T W) or 'fitted' (a per-module readout fitted by ridge regression so "
         "that harmless outputs are left alone: W - w r v^T W; needs direction_scope per_layer "
@@ -235,7 +235,7 @@ class Settings(BaseSettings):
         "squared norm per dimension.",
     )
     orthogonalize_good_mean: bool = Field(
-        default=False,
+        default=True,
         description="Make each layer's refusal direction orthogonal to the mean residual of the "
         "good prompts, so the edit leaves the part every prompt carries alone.",
     )
