@@ -137,7 +137,7 @@ def rejudge_ours(folder: Path, model_path: str, prompts, markers: list[str]) -> 
 
     from heretic.abliteration import EditHooks, edit_from_params
     from heretic.config import DatasetSpecification
-    from heretic.directions import DIRECTIONS_FILE, load_directions
+    from heretic.directions import DIRECTIONS_FILE, load_direction_extras, load_directions
     from heretic.model import load_model
     from heretic.optimization import FINGERPRINT_ATTR, params_from_trial
     from heretic.prompts import load_prompts
@@ -151,7 +151,12 @@ def rejudge_ours(folder: Path, model_path: str, prompts, markers: list[str]) -> 
         study_name="heretic", storage=f"sqlite:///{(folder / 'out' / 'study.db').resolve()}"
     )
     fingerprint = study.user_attrs.get(FINGERPRINT_ATTR, {})
-    hooks = EditHooks(model.modules, directions, fingerprint.get("row_normalization", "none"))
+    readouts = None
+    if fingerprint.get("readout") == "fitted":
+        readouts = load_direction_extras(folder / "out" / DIRECTIONS_FILE)["readouts"]
+    hooks = EditHooks(
+        model.modules, directions, fingerprint.get("row_normalization", "none"), readouts
+    )
     trials = {t.number: t for t in study.trials}
     counts = {}
     for _, _, number in pareto(our_points(folder / "out")):
@@ -166,6 +171,21 @@ def rejudge_ours(folder: Path, model_path: str, prompts, markers: list[str]) -> 
     return counts
 
 
+def upstream_prefix(workdir: Path, n_trials: int) -> dict | None:
+    """Upstream's first `n_trials` trials of a longer run in the same work folder. Upstream
+    samples at random for its first `n_startup_trials` (60 by default), seeded, so these are
+    the trials a run of `n_trials` would have made (checked: the first 10 of a 50-trial run
+    gave the same front as a separate 10-trial run)."""
+    for folder in sorted(workdir.glob("upstream-*")):
+        longer = load(folder)
+        size = int(folder.name.split("-")[1])
+        if longer is not None and n_trials < size <= 60:
+            print(f"(upstream: the first {n_trials} trials of {folder.name})")
+            points = [p for p in longer["points"] if p[2] < n_trials]
+            return {"wall": float("nan"), "rss": longer["rss"], "points": points}
+    return None
+
+
 def load(folder: Path) -> dict | None:
     path = folder / "result.json"
     return json.loads(path.read_text()) if path.exists() else None
@@ -176,7 +196,7 @@ def front_text(points: list[Point]) -> str:
 
 
 def report(workdir: Path, n_trials: int, label: str, recorded: list[Point] | None = None) -> None:
-    up = load(workdir / f"upstream-{n_trials}")
+    up = load(workdir / f"upstream-{n_trials}") or upstream_prefix(workdir, n_trials)
     if recorded:
         print(f"(upstream: the recorded front given with --upstream-points, {n_trials} trials)")
         up = {"wall": float("nan"), "points": recorded}
