@@ -36,14 +36,24 @@ def _logits(model, tokenizer) -> torch.Tensor:
 # ----- LoRA adapter ------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("row_normalization", ["none", "pre", "full"])
-def test_adapter_matches_merged_model(tiny_chat_model, tmp_path, row_normalization):
-    """PEFT reproduces the merged model: rank-1 LoRA, or rank-1 DoRA for "full"."""
+@pytest.mark.parametrize(
+    ("row_normalization", "with_readouts"),
+    [("none", False), ("pre", False), ("full", False), ("none", True)],
+)
+def test_adapter_matches_merged_model(tiny_chat_model, tmp_path, row_normalization, with_readouts):
+    """PEFT reproduces the merged model: rank-1 LoRA, or rank-1 DoRA for "full"; rank-1 LoRA
+    for fitted readouts too (B = w r, A = v^T W)."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
     model = load_model(str(tiny_chat_model), dtype="float32")
     directions, strengths = _edit(model.n_layers, model.hidden_size)
+    readouts = None
+    if with_readouts:
+        gen = torch.Generator().manual_seed(3)
+        readouts = 0.3 * torch.randn(
+            model.n_layers, len(COMPONENTS), model.hidden_size, generator=gen
+        )
     targets = write_adapter_files(
         model.model,
         model.modules,
@@ -52,6 +62,7 @@ def test_adapter_matches_merged_model(tiny_chat_model, tmp_path, row_normalizati
         str(tiny_chat_model),
         tmp_path / "a",
         row_normalization,
+        readouts=readouts,
     )
     config = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
     assert config["use_dora"] is (row_normalization == "full")
@@ -61,7 +72,14 @@ def test_adapter_matches_merged_model(tiny_chat_model, tmp_path, row_normalizati
         "model.layers.0.self_attn.o_proj",
         "model.layers.1.mlp.down_proj",
     ]
-    merge_edit(model.modules, directions, strengths, model.hidden_size, row_normalization)
+    merge_edit(
+        model.modules,
+        directions,
+        strengths,
+        model.hidden_size,
+        row_normalization,
+        readouts=readouts,
+    )
     merged = _logits(model.model, model.tokenizer)
 
     base = AutoModelForCausalLM.from_pretrained(tiny_chat_model, dtype=torch.float32)

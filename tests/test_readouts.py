@@ -14,8 +14,7 @@ from heretic.cli import run
 from heretic.config import load_settings
 from heretic.directions import DIRECTIONS_FILE, fit_readouts, load_direction_extras, normalize
 from heretic.errors import HereticError
-from heretic.export import write_adapter_files
-from heretic.model import ATTN, COMPONENTS, MLP, editable_modules, find_decoder_layers, load_model
+from heretic.model import ATTN, COMPONENTS, MLP, editable_modules, find_decoder_layers
 
 
 def _reference(good, bad, r, ridge):
@@ -80,6 +79,23 @@ def test_fit_rejects_bad_shapes_and_ridge():
         fit_readouts(good, good, directions, 0.0)
 
 
+def test_one_pass_gives_residuals_and_module_outputs(tiny_chat_model):
+    """The shared pass returns `residuals` unchanged, and in a pre-norm decoder each layer's
+    residual step is exactly what its attention and MLP wrote: module outputs at the right
+    token, layer and component."""
+    from heretic.model import load_model
+
+    model = load_model(str(tiny_chat_model), dtype="float32")
+    prompts = ["How do magnets work?", "Write a haiku about tea, please."]
+    residuals, outputs = model.residuals_and_module_outputs(prompts, batch_size=2)
+    torch.testing.assert_close(residuals, model.residuals(prompts, batch_size=2))
+    assert outputs.shape == (2, model.n_layers, len(COMPONENTS), model.hidden_size)
+    assert outputs.dtype == torch.bfloat16
+    steps = residuals[:, 1:] - residuals[:, :-1]
+    written = outputs[:, 1:].float().sum(dim=2)
+    torch.testing.assert_close(written, steps, atol=0.05, rtol=0.02)
+
+
 @pytest.mark.parametrize("arch", ["llama", "qwen3_moe", "mixtral"])
 def test_hooks_match_merged_weights_with_readouts(arch):
     """Also for mixture-of-experts blocks: the edit is linear in the block's output, so every
@@ -114,34 +130,6 @@ def test_hooks_match_merged_weights_with_readouts(arch):
         EditHooks(modules, directions, "full", readouts)
     with pytest.raises(ValueError, match="do not match"):
         EditHooks(modules, directions, readouts=readouts[:, :1])
-
-
-def test_adapter_with_readouts_matches_merged_model(tiny_chat_model, tmp_path):
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM
-
-    model = load_model(str(tiny_chat_model), dtype="float32")
-    g = torch.Generator().manual_seed(3)
-    directions = normalize(torch.randn(model.n_layers, model.hidden_size, generator=g))
-    readouts = torch.randn(model.n_layers, 2, model.hidden_size, generator=g) * 0.3
-    strengths = {c: torch.full((model.n_layers,), 0.8) for c in COMPONENTS}
-    write_adapter_files(
-        model.model,
-        model.modules,
-        directions,
-        strengths,
-        str(tiny_chat_model),
-        tmp_path / "a",
-        readouts=readouts,
-    )
-    batch = model.tokenizer(["How do magnets work?"], return_tensors="pt")
-    merge_edit(model.modules, directions, strengths, model.hidden_size, readouts=readouts)
-    with torch.no_grad():
-        merged = model.model(**batch).logits
-    base = AutoModelForCausalLM.from_pretrained(tiny_chat_model, dtype=torch.float32)
-    with torch.no_grad():
-        adapted = PeftModel.from_pretrained(base, tmp_path / "a")(**batch).logits
-    torch.testing.assert_close(adapted, merged, atol=1e-4, rtol=1e-4)
 
 
 def test_settings_refuse_fitted_readouts_with_row_normalization_or_global_directions():

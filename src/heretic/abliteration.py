@@ -318,7 +318,8 @@ class EditHooks:
     weights, so it is computed per trial in `set_strengths` (two matrix-vector products per
     module); a mixture-of-experts block is hooked as a whole and gets the plain projection.
     With fitted `readouts` (n_layers, n_components, hidden), every module's edit reads its
-    own readout (`row_edit`); they belong to the installed per-layer directions.
+    own readout (`row_edit`); they belong to the installed per-layer directions, so each
+    module's (direction, readout) pair is placed on its device once, at install.
     """
 
     def __init__(
@@ -344,11 +345,20 @@ class EditHooks:
         self._trial_directions: torch.Tensor | None = None
         self._per_device: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
         self._row_edits: dict[tuple[int, str, int], RowEdit] = {}
+        self._readout_pairs: dict[tuple[int, str, int], tuple[torch.Tensor, torch.Tensor]] = {}
         self.strengths: dict[str, torch.Tensor] = {}
         self._handles = []
         for layer_index, components in enumerate(modules):
             for component, module_list in components.items():
+                readout = component_readout(self.readouts, layer_index, component)
                 for position, module in enumerate(module_list):
+                    key = (layer_index, component, position)
+                    if readout is not None:
+                        device = next(module.parameters()).device
+                        self._readout_pairs[key] = (
+                            self.directions[layer_index].to(device),
+                            readout.to(device),
+                        )
                     hook = self._make_hook(layer_index, component, position)
                     self._handles.append(module.register_forward_hook(hook))
 
@@ -405,14 +415,11 @@ class EditHooks:
                 if layer_strengths_ is None or float(layer_strengths_[layer_index]) == 0.0:
                     continue
                 weight = float(layer_strengths_[layer_index])
-                readout = component_readout(self.readouts, layer_index, component)
                 for position, module in enumerate(module_list):
                     key = (layer_index, component, position)
-                    if readout is not None:
-                        device = next(module.parameters()).device
-                        self._row_edits[key] = RowEdit(
-                            a=source[layer_index].to(device), b=readout.to(device), weight=weight
-                        )
+                    pair = self._readout_pairs.get(key)
+                    if pair is not None:
+                        self._row_edits[key] = RowEdit(a=pair[0], b=pair[1], weight=weight)
                     elif module_row_normalization(module, self.row_normalization) != "none":
                         self._row_edits[key] = row_edit(
                             module.weight, source[layer_index], weight, self.row_normalization

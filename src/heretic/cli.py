@@ -374,12 +374,22 @@ def _compute_directions(
 ) -> DirectionSet:
     """Residuals of the direction prompts -> refusal directions, refined as configured."""
 
-    def residuals_of(name: str) -> torch.Tensor:
+    fitted = settings.readout == "fitted"
+    module_outputs: dict[str, torch.Tensor] = {}
+
+    def residuals_of(name: str, with_module_outputs: bool = False) -> torch.Tensor:
         with _progress(console) as progress:
             task = progress.add_task(f"Residuals for {name}", total=len(prompts[name]), info="")
-            residuals = model.residuals(
-                prompts[name], batch_size, lambda n: progress.advance(task, n)
-            )
+
+            def advance(n: int) -> None:
+                progress.advance(task, n)
+
+            if with_module_outputs:
+                residuals, module_outputs[name] = model.residuals_and_module_outputs(
+                    prompts[name], batch_size, advance
+                )
+            else:
+                residuals = model.residuals(prompts[name], batch_size, advance)
         pause_point("extraction")
         if not torch.isfinite(residuals).all():
             raise HereticError(
@@ -398,8 +408,8 @@ def _compute_directions(
         )
         return [judge.is_refusal(r) for r in responses]
 
-    good = residuals_of("good_prompts")
-    bad = residuals_of("bad_prompts")
+    good = residuals_of("good_prompts", fitted)
+    bad = residuals_of("bad_prompts", fitted)
     result = build_directions(
         good,
         bad,
@@ -409,18 +419,12 @@ def _compute_directions(
         log=lambda line: console.print(f"  {escape(line)}", highlight=False),
         warn=lambda line: console.print(f"[yellow]Warning:[/] {escape(line)}", highlight=False),
     )
-    if settings.readout == "fitted":
-        outputs = {}
-        for name in ("good_prompts", "bad_prompts"):
-            with _progress(console) as progress:
-                task = progress.add_task(
-                    f"Module outputs for {name}", total=len(prompts[name]), info=""
-                )
-                outputs[name] = model.module_outputs(
-                    prompts[name], batch_size, lambda n, task=task: progress.advance(task, n)
-                )
+    if fitted:
         result.readouts = fit_readouts(
-            outputs["good_prompts"], outputs["bad_prompts"], result.refusal, settings.readout_ridge
+            module_outputs["good_prompts"],
+            module_outputs["bad_prompts"],
+            result.refusal,
+            settings.readout_ridge,
         )
         console.print(
             f"  fitted {model.n_layers * len(COMPONENTS)} readouts (ridge {settings.readout_ridge})"

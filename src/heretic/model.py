@@ -268,50 +268,65 @@ class Model:
         Returns float32 (n_prompts, n_layers, hidden). Captured with hooks on the layers, so the
         final norm is never mixed in and the LM head is never computed.
         """
-        return self._last_token_outputs(list(self.layers), prompts, batch_size, progress)
+        (residuals,) = self._last_token_outputs(
+            [(list(self.layers), torch.float32)], prompts, batch_size, progress
+        )
+        return residuals
 
-    def module_outputs(
+    @torch.inference_mode()
+    def residuals_and_module_outputs(
         self, prompts: Sequence[str], batch_size: int, progress: Callable[[int], None] | None = None
-    ) -> torch.Tensor:
-        """What each editable module writes into the residual stream at the last prompt token.
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """`residuals`, plus what each editable module writes into the residual stream at the
+        last prompt token, from the same forward pass (the fitted readouts need both).
 
-        Returns (n_prompts, n_layers, len(COMPONENTS), hidden) in bfloat16 (half the memory of
-        float32; the fits that use them work in float64), for the fitted readouts.
+        The module outputs are (n_prompts, n_layers, len(COMPONENTS), hidden) in bfloat16: half
+        the memory of float32, and the fits that use them work in float64.
         """
-        targets = [self.modules[i][c][0] for i in range(self.n_layers) for c in COMPONENTS]
-        out = self._last_token_outputs(targets, prompts, batch_size, progress, torch.bfloat16)
-        return out.view(len(prompts), self.n_layers, len(COMPONENTS), -1)
+        modules = [self.modules[i][c][0] for i in range(self.n_layers) for c in COMPONENTS]
+        residuals, outputs = self._last_token_outputs(
+            [(list(self.layers), torch.float32), (modules, torch.bfloat16)],
+            prompts,
+            batch_size,
+            progress,
+        )
+        return residuals, outputs.view(len(prompts), self.n_layers, len(COMPONENTS), -1)
 
-    @torch.no_grad()
     def _last_token_outputs(
         self,
-        targets: list[nn.Module],
+        groups: list[tuple[list[nn.Module], torch.dtype]],
         prompts: Sequence[str],
         batch_size: int,
         progress: Callable[[int], None] | None = None,
-        dtype: torch.dtype = torch.float32,
-    ) -> torch.Tensor:
-        captured: list[torch.Tensor | None] = [None] * len(targets)
+    ) -> list[torch.Tensor]:
+        """One pass over `prompts`; per group of modules, their outputs at the last prompt
+        token as (n_prompts, len(modules), width) in the group's dtype."""
+        captured: list[list[torch.Tensor | None]] = [[None] * len(m) for m, _ in groups]
 
-        def make_hook(i: int):
+        def make_hook(group: int, i: int, dtype: torch.dtype):
             def hook(_module, _inputs, output):
-                captured[i] = _module_output(output)[:, -1, :].to(dtype).cpu()
+                captured[group][i] = _module_output(output)[:, -1, :].to(dtype).cpu()
 
             return hook
 
-        handles = [t.register_forward_hook(make_hook(i)) for i, t in enumerate(targets)]
-        out = []
+        handles = [
+            module.register_forward_hook(make_hook(g, i, dtype))
+            for g, (modules, dtype) in enumerate(groups)
+            for i, module in enumerate(modules)
+        ]
+        out: list[list[torch.Tensor]] = [[] for _ in groups]
         try:
             for start in range(0, len(prompts), batch_size):
                 chunk = prompts[start : start + batch_size]
                 self._base_model()(**self.encode(chunk), use_cache=False)
-                out.append(torch.stack(captured, dim=1))  # type: ignore[arg-type]
+                for g in range(len(groups)):
+                    out[g].append(torch.stack(captured[g], dim=1))  # type: ignore[arg-type]
                 if progress:
                     progress(len(chunk))
         finally:
             for h in handles:
                 h.remove()
-        return torch.cat(out)
+        return [torch.cat(parts) for parts in out]
 
     def _base_model(self) -> nn.Module:
         base = getattr(self.model, "base_model", None)
