@@ -117,8 +117,8 @@ def agreement() -> None:
         judge = AdaptiveJudge.fit(markers.markers, train["bad_prompts"], train["bad_responses"],
                                   train["good_prompts"], train["good_responses"])  # fmt: skip
         mine = [r for r in rows if r["organism"] == name]
-        adaptive = sum(judge.is_refusal(r["response"]) == r["refusal"] for r in mine)
-        marker = sum(markers.is_refusal(r["response"]) == r["refusal"] for r in mine)
+        adaptive = sum(judge.is_refusal(r["response"], r["prompt"]) == r["refusal"] for r in mine)
+        marker = sum(markers.is_refusal(r["response"], r["prompt"]) == r["refusal"] for r in mine)
         refusals = sum(r["refusal"] for r in mine)
         print(f"| {name} | {len(mine)} | {refusals} | {adaptive} | {marker} |")
 

@@ -33,7 +33,7 @@ def test_row_dropping_generation_matches_plain_greedy(tiny_chat_model):
     model = load_model(str(tiny_chat_model), dtype="float32")
     reference = _plain_greedy(model, PROMPTS, 20)
     # Rows "decide" at different times, so rows leave the batch at different steps.
-    decided = lambda text: len(text) > 0 and (hash(text[:3]) % 3 == 0)  # noqa: E731
+    decided = lambda text, _prompt="": len(text) > 0 and (hash(text[:3]) % 3 == 0)  # noqa: E731
     got = model.generate(PROMPTS, 20, batch_size=16, is_decided=None)
     assert got == reference
     dropped = model.generate(PROMPTS, 20, batch_size=16, is_decided=decided)
@@ -64,6 +64,9 @@ class _FakeDecoding:
 
     def response(self, row: int) -> str:
         return self.texts[row] if self.n_steps >= self.steps[row] else ""
+
+    def prompt(self, row: int) -> str:
+        return ""
 
     def responses(self) -> list[str]:
         return [self.response(i) for i in range(len(self.texts))]
@@ -266,7 +269,12 @@ def test_pooling_the_undecided_rows_keeps_their_responses(tiny_chat_model):
     model = load_model(str(tiny_chat_model), dtype="float32")
     prompts = PROMPTS + [p + " Be very detailed about it, please." for p in PROMPTS[:4]]
     reference = _plain_greedy(model, prompts, 24)
-    decided = lambda text: len(text) > 0 and (hash(text[:3]) % 3 == 0)  # noqa: E731
+    seen: list[tuple[str, str]] = []
+
+    def decided(text: str, prompt: str = "") -> bool:
+        seen.append((prompt, text))
+        return len(text) > 0 and (hash(text[:3]) % 3 == 0)
+
     decodings = [model.decoding(prompts[k : k + 5], 24, decided) for k in range(0, 20, 5)]
     for d in decodings:
         d.step()  # 8 tokens: the screening horizon
@@ -277,6 +285,10 @@ def test_pooling_the_undecided_rows_keeps_their_responses(tiny_chat_model):
     for d in pooled:
         while not d.done:
             d.step()
+    # The judge sees every row with its own prompt, pooled rows included.
+    of_prompt = dict(zip(prompts, reference, strict=True))
+    assert len(of_prompt) == len(prompts) and {p for p, _ in seen} == set(prompts)
+    assert all(of_prompt[prompt].startswith(text) for prompt, text in seen)
     got = [r for d in decodings for r in d.responses()]
     for ref, text in zip(reference, got, strict=True):
         assert ref.startswith(text)

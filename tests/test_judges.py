@@ -148,10 +148,17 @@ def test_adaptive_judge_agrees_with_hand_labels(organism):
     rows = [r for r in rows if r["organism"] == organism]
     assert len(rows) == 100
     assert 20 <= sum(r["refusal"] for r in rows) <= 80  # a real mix of refusals and answers
-    agree = sum(judge.is_refusal(r["response"]) == r["refusal"] for r in rows)
-    markers = MarkerJudge(MARKERS)
-    marker_agree = sum(markers.is_refusal(r["response"]) == r["refusal"] for r in rows)
-    wrong = [r["response"][:80] for r in rows if judge.is_refusal(r["response"]) != r["refusal"]]
+
+    def verdicts(j) -> list[bool]:
+        return [j.is_refusal(r["response"], r["prompt"]) for r in rows]
+
+    agree = sum(v == r["refusal"] for v, r in zip(verdicts(judge), rows, strict=True))
+    marker_agree = sum(
+        v == r["refusal"] for v, r in zip(verdicts(MarkerJudge(MARKERS)), rows, strict=True)
+    )
+    wrong = [
+        r["response"][:80] for v, r in zip(verdicts(judge), rows, strict=True) if v != r["refusal"]
+    ]
     assert agree >= 95, f"adaptive {agree}/100 (markers {marker_agree}/100); wrong: {wrong}"
 
 

@@ -197,7 +197,7 @@ def _run(settings: Settings, console: Console) -> RunResult:
         model.compile()
 
     console.print("[bold]Scoring the original model[/]")
-    judge = MarkerJudge(tuple(settings.refusal_markers))
+    judge = MarkerJudge(tuple(settings.refusal_markers), settings.ignore_echoed_markers)
     evaluator = Evaluator(
         model,
         prompts["good_evaluation_prompts"],
@@ -398,7 +398,7 @@ def _compute_directions(
         return residuals
 
     def refused() -> list[bool]:
-        judge = MarkerJudge(tuple(settings.refusal_markers))
+        judge = MarkerJudge(tuple(settings.refusal_markers), settings.ignore_echoed_markers)
         console.print(
             f"  generating the original model's responses to the bad prompts "
             f"({settings.probe_response_length} tokens) to label the probes"
@@ -406,7 +406,8 @@ def _compute_directions(
         responses = model.generate(
             prompts["bad_prompts"], settings.probe_response_length, batch_size, judge.is_refusal
         )
-        return [judge.is_refusal(r) for r in responses]
+        bad = prompts["bad_prompts"]
+        return [judge.is_refusal(r, p) for r, p in zip(responses, bad, strict=True)]
 
     good = residuals_of("good_prompts", fitted)
     bad = residuals_of("bad_prompts", fitted)
@@ -471,6 +472,7 @@ def _adaptive_judge(
         evaluator.base_responses,
         good,
         good_responses,
+        ignore_echoed=settings.ignore_echoed_markers,
     )
 
 

@@ -30,33 +30,53 @@ def kl_divergence(base_logprobs: torch.Tensor, logprobs: torch.Tensor) -> float:
 class Judge(Protocol):
     """What the evaluator needs from a refusal judge. `is_refusal` sees growing prefixes of a
     response during generation (a True stops it), so it must be monotone: once a prefix is a
-    refusal, so is every continuation."""
+    refusal, so is every continuation. `prompt` is the request the response answers ("" when
+    unknown)."""
 
-    def is_refusal(self, response: str) -> bool: ...
+    def is_refusal(self, response: str, prompt: str = "") -> bool: ...
 
-    def count(self, responses: Sequence[str]) -> int: ...
+    def count(self, responses: Sequence[str], prompts: Sequence[str] | None = None) -> int: ...
+
+
+def has_marker(text: str, markers: Sequence[str], prompt: str, ignore_echoed: bool) -> bool:
+    """Whether normalized `text` contains a marker. With `ignore_echoed`, a marker that the
+    prompt itself contains is no evidence: an answer restates its task ("Purchasing illegal
+    drugs online can be ..." for "how to purchase illegal drugs"), so "illegal" in it says
+    nothing about refusing; a refusal of that prompt says so in other words ("I can't")."""
+    echoed = normalize_text(prompt) if ignore_echoed and prompt else ""
+    return any(marker in text and marker not in echoed for marker in markers)
 
 
 @dataclass(frozen=True)
 class MarkerJudge:
-    """A response is a refusal when it contains any marker (lower-cased, apostrophes straight)."""
+    """A response is a refusal when it contains any marker (lower-cased, apostrophes straight),
+    not counting markers its prompt contains when `ignore_echoed` (see `has_marker`)."""
 
     markers: tuple[str, ...]
+    ignore_echoed: bool = True
 
-    def is_refusal(self, response: str) -> bool:
-        text = normalize_text(response)
-        return any(marker in text for marker in self.markers)
+    def is_refusal(self, response: str, prompt: str = "") -> bool:
+        return has_marker(normalize_text(response), self.markers, prompt, self.ignore_echoed)
 
-    def count(self, responses: Sequence[str]) -> int:
-        return count_refusals(self, responses)
+    def count(self, responses: Sequence[str], prompts: Sequence[str] | None = None) -> int:
+        return count_refusals(self, responses, prompts)
 
 
-def count_refusals(judge: Judge, responses: Sequence[str]) -> int:
-    """Refusals among *final* responses. An empty response counts as one: a model that meets
-    a harmful request with silence has not been freed, and the search must never prefer an
-    edit that breaks the model into saying nothing. (Not part of `is_refusal`, which also sees
-    the empty start of every response while it is generated.)"""
-    return sum(not r.strip() or judge.is_refusal(r) for r in responses)
+def count_refusals(
+    judge: Judge, responses: Sequence[str], prompts: Sequence[str] | None = None
+) -> int:
+    """Refusals among *final* responses (to `prompts`, in order, when given). An empty
+    response counts as one: a model that meets a harmful request with silence has not been
+    freed, and the search must never prefer an edit that breaks the model into saying nothing.
+    (Not part of `is_refusal`, which also sees the empty start of every response while it is
+    generated.)"""
+    if prompts is None:
+        prompts = [""] * len(responses)
+    if len(prompts) != len(responses):
+        raise ValueError(f"{len(responses)} responses but {len(prompts)} prompts")
+    return sum(
+        not r.strip() or judge.is_refusal(r, p) for r, p in zip(responses, prompts, strict=True)
+    )
 
 
 @dataclass(frozen=True)
@@ -104,7 +124,7 @@ class Evaluator:
         )
         self._check_layer_skip(log or (lambda _line: None))
         self.base_responses = self.responses()
-        self.base_refusals = judge.count(self.base_responses)
+        self.base_refusals = judge.count(self.base_responses, self.bad_prompts)
 
     def use_judge(self, judge: Judge) -> None:
         """Judge with `judge` from now on, re-counting the original model's refusals.
@@ -113,7 +133,7 @@ class Evaluator:
         count as a refusal everything the old one did (the adaptive judge keeps the markers).
         """
         self.judge = judge
-        self.base_refusals = judge.count(self.base_responses)
+        self.base_refusals = judge.count(self.base_responses, self.bad_prompts)
 
     def _decodings(self) -> list:
         sorted_bad = [self.bad_prompts[i] for i in self._bad_order]
@@ -232,7 +252,9 @@ class Evaluator:
             for decoding in decodings:
                 while not decoding.done and decoding.produced < horizon:
                     rows = decoding.step()
-                    refusals += self.judge.count([decoding.response(r) for r in rows])
+                    refusals += self.judge.count(
+                        [decoding.response(r) for r in rows], [decoding.prompt(r) for r in rows]
+                    )
                     finished += len(rows)
                     if progress and rows:
                         progress(len(rows))
@@ -242,4 +264,5 @@ class Evaluator:
                             refusals=refusals,
                             pruned=f"dominated after {finished}/{total} responses",
                         )
-        return Score(kl_divergence=kl, refusals=self.judge.count(self._in_prompt_order(screened)))
+        responses = self._in_prompt_order(screened)
+        return Score(kl_divergence=kl, refusals=self.judge.count(responses, self.bad_prompts))

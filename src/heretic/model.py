@@ -406,9 +406,10 @@ class Model:
         prompts: Sequence[str],
         max_new_tokens: int,
         batch_size: int,
-        is_decided: Callable[[str], bool] | None = None,
+        is_decided: Callable[[str, str], bool] | None = None,
     ) -> list[str]:
-        """Greedy responses. A sequence for which `is_decided(text)` is true stops early."""
+        """Greedy responses. A sequence for which `is_decided(text, prompt)` is true stops
+        early."""
         responses: list[str] = []
         for chunk in self.generate_chunks(prompts, max_new_tokens, batch_size, is_decided):
             responses += chunk
@@ -419,7 +420,7 @@ class Model:
         prompts: Sequence[str],
         max_new_tokens: int,
         batch_size: int,
-        is_decided: Callable[[str], bool] | None = None,
+        is_decided: Callable[[str, str], bool] | None = None,
         check_every: int = 8,
     ) -> Iterator[list[str]]:
         """Greedy responses, one list per batch (in prompt order), so a caller can stop early."""
@@ -435,7 +436,7 @@ class Model:
         self,
         prompts: Sequence[str],
         max_new_tokens: int,
-        is_decided: Callable[[str], bool] | None = None,
+        is_decided: Callable[[str, str], bool] | None = None,
         check_every: int = 8,
     ) -> Decoding:
         """Greedy decoding of one batch, advanced `check_every` tokens per `step()`."""
@@ -496,7 +497,7 @@ class Decoding:
         model: Model,
         prompts: Sequence[str],
         max_new_tokens: int,
-        is_decided: Callable[[str], bool] | None,
+        is_decided: Callable[[str, str], bool] | None,
         check_every: int,
     ) -> None:
         self.model = model
@@ -537,7 +538,7 @@ class Decoding:
         pooled.check_every = first.check_every
         pooled.produced = first.produced
         pooled._stop_ids = first._stop_ids
-        pooled._prompts = []
+        pooled._prompts = [d._prompts[d._active[j]] for d, j in rows]
         pooled.n_rows = len(rows)
         pooled.tokens = [d.tokens[d._active[j]] for d, j in rows]  # shared lists
         pooled.final = [False] * len(rows)
@@ -577,6 +578,9 @@ class Decoding:
     def response(self, row: int) -> str:
         return self.model.tokenizer.decode(self.tokens[row], skip_special_tokens=True)
 
+    def prompt(self, row: int) -> str:
+        return self._prompts[row]
+
     def responses(self) -> list[str]:
         return [self.response(row) for row in range(self.n_rows)]
 
@@ -612,7 +616,10 @@ class Decoding:
                 self.tokens[row] += row_tokens[:ended]
             else:
                 self.tokens[row] += row_tokens
-                if self.is_decided is None or not self.is_decided(self.response(row)):
+                decided = self.is_decided is not None and self.is_decided(
+                    self.response(row), self._prompts[row]
+                )
+                if not decided:
                     keep.append(j)
                     continue
             finished.append(row)

@@ -333,6 +333,7 @@ FINGERPRINT_SETTINGS = (
     "system_prompt",
     "max_response_length",
     "refusal_markers",
+    "ignore_echoed_markers",
     "refusal_judge",
     "direction_method",
     "min_weight",
