@@ -296,6 +296,26 @@ def test_pooling_the_undecided_rows_keeps_their_responses(tiny_chat_model):
             assert text == ref
 
 
+def test_pooling_that_splits_one_batch_over_two_groups(tiny_chat_model):
+    """Ten survivors of one batch and two of two others, pooled by 7: the first batch's rows
+    land in both groups, and each group must decode with its own rows' caches."""
+    from heretic.model import regroup
+
+    model = load_model(str(tiny_chat_model), dtype="float32")
+    prompts = PROMPTS[:14]
+    reference = _plain_greedy(model, prompts, 24)
+    decodings = [model.decoding(prompts[a:b], 24) for a, b in ((0, 10), (10, 12), (12, 14))]
+    for d in decodings:
+        d.step()
+    pooled = regroup(decodings, batch_size=7)
+    assert len(pooled) == 2
+    assert [len(d._active) for d in pooled] == [7, 7]
+    for d in pooled:
+        while not d.done:
+            d.step()
+    assert [r for d in decodings for r in d.responses()] == reference
+
+
 def test_an_empty_final_response_counts_as_a_refusal():
     judge = MarkerJudge(("sorry",))
     assert judge.count(["", "  \n", "Sure, here it is.", "Sorry, no."]) == 3

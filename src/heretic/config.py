@@ -200,9 +200,11 @@ class Settings(BaseSettings):
         description="Smallest edit strength the search tries (1 = remove r fully).",
     )
     max_weight: float = Field(
-        default=1.5,
+        default=2.5,
         gt=0.0,
-        description="Largest edit strength the search tries (1 = remove r fully).",
+        description="Largest edit strength the search tries (1 = remove r fully; above 1 the "
+        "edit also offsets what unedited layers wrote along r: with fitted readouts the best "
+        "trials on the organism use up to 2.3).",
     )
     search_space: Literal["range", "tent"] = Field(
         default="range",

@@ -8,6 +8,7 @@ edit: `abliteration.py` gets plain modules from `Model.editable_modules`.
 from __future__ import annotations
 
 import contextlib
+import copy
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -568,7 +569,11 @@ class Decoding:
                 keys[index].append(left_pad(layer.keys[j : j + 1], pad, 0.0, 2))
                 values[index].append(left_pad(layer.values[j : j + 1], pad, 0.0, 2))
         pooled._batch = {"input_ids": torch.cat(ids), "attention_mask": torch.cat(masks)}
-        cache = first._cache
+        # A cache object of its own: when `regroup` splits one decoding's rows over two groups,
+        # both groups start from that decoding, and a shared cache would get the second group's
+        # rows in the first's.
+        cache = copy.copy(first._cache)
+        cache.layers = [copy.copy(layer) for layer in first._cache.layers]
         for index, layer in enumerate(cache.layers):
             layer.keys = torch.cat(keys[index])
             layer.values = torch.cat(values[index])

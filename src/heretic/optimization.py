@@ -69,7 +69,7 @@ class SearchSpace:
     """
 
     min_weight: float = 0.0
-    max_weight: float = 1.5
+    max_weight: float = 2.5
     layer_profile: str = DEFAULT_LAYER_PROFILE
     direction_scope: str = DEFAULT_DIRECTION_SCOPE
     n_layers: int = 0
