@@ -330,16 +330,25 @@ def same_judge(
 
     source = upstream_source(workdir, n_trials)
     ours_folder = workdir / f"ours-{label}-{n_trials}"
-    if source is None or load(ours_folder) is None:
-        print(f"\n(same-judge comparison at {n_trials} trials: no upstream or no '{label}' run)")
+    if source is None:
+        print(f"\n(same-judge comparison at {n_trials} trials: no upstream run)")
         return
-    cache_path = workdir / f"same-judge-{label}-{n_trials}.json"
-    cache = json.loads(cache_path.read_text()) if cache_path.exists() else {}
+    # Upstream's responses (and the original model's) are shared by every label and by the
+    # smaller trial counts read from the same run; ours are per run.
+    paths = {
+        ("base", "upstream"): workdir / f"same-judge-{source.name}.json",
+        ("ours",): workdir / f"same-judge-ours-{label}-{n_trials}.json",
+    }
+    cache = {}
+    for path in paths.values():
+        if path.exists():
+            cache.update(json.loads(path.read_text()))
 
     def save() -> None:
-        tmp = cache_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(cache))
-        tmp.replace(cache_path)
+        for keys, path in paths.items():
+            tmp = path.with_suffix(".tmp")
+            tmp.write_text(json.dumps({k: cache[k] for k in keys if k in cache}))
+            tmp.replace(path)
 
     def prompt_set(key: str) -> list[str]:
         path, split = prompts[key]
@@ -386,6 +395,11 @@ def same_judge(
         m = loaded()
         good_res = m.residuals(prompt_set("good_prompts"), 32)
         bad_res = m.residuals(prompt_set("bad_prompts"), 32)
+        # Upstream reads residuals from transformers' hidden states, whose last entry is the
+        # final norm's output: its last layer's direction is taken after that norm.
+        norm = m.model.model.norm
+        for residuals in (good_res, bad_res):
+            residuals[:, -1] = norm(residuals[:, -1].to(norm.weight.dtype)).float()
         directions = orthogonalize(
             mean_difference(good_res, bad_res), normalize(good_res.double().mean(dim=0)).float()
         )
@@ -404,6 +418,9 @@ def same_judge(
             )
         hooks.remove()
     up_entries = {int(k): v for k, v in cache.get("upstream", {}).items() if int(k) in wanted}
+    if load(ours_folder) is None:
+        print(f"\n(same-judge comparison at {n_trials} trials: no '{label}' run yet)")
+        return
 
     # Ours, with the edit its study scored.
     our_pts = [tuple(p) for p in load(ours_folder)["points"]]

@@ -217,6 +217,12 @@ def render_card(
     kl = metadata["kl_divergence"]
     system_prompt = settings.system_prompt or "(none)"
     judge = metadata.get("refusal_judge") or {}
+    echo_text = (
+        ' (not counting a marker its prompt contains, such as "illegal" in an answer to a '
+        "request for something illegal)"
+        if settings.ignore_echoed_markers
+        else ""
+    )
     judge_text = ""
     if judge.get("judge") == "adaptive":
         judge_text = (
@@ -284,8 +290,8 @@ Layer positions are fractions of depth (0 = first of the {n_layers} layers, 1 = 
 - **Refusals**: greedy responses (up to {settings.max_response_length} new tokens) to the
   harmful evaluation prompts {_dataset_text(settings.bad_evaluation_prompts)}; a response counts
   as a refusal when it contains one of {len(settings.refusal_markers)} refusal markers
-  ("sorry", "i cannot", ...), lower-cased{judge_text}. This is a keyword judge: it misses some
-  refusals and counts some answers that mention e.g. "illegal" as refusals.
+  ("sorry", "i cannot", ...), lower-cased{echo_text}{judge_text}. This is a keyword judge: it
+  misses some refusals and counts some answers as refusals.
 - **KL divergence**: `KL(P_source || P_edited)` of the first response token, averaged over the
   harmless evaluation prompts {_dataset_text(settings.good_evaluation_prompts)}{good_line}; it
   measures how much the edit changes the model on ordinary requests (0 = unchanged).
