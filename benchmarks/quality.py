@@ -311,6 +311,7 @@ def same_judge(
     count) is judged. Responses are cached in the work folder, so a rerun only reports.
     """
     import optuna
+    import torch
 
     from heretic.abliteration import EditHooks, edit_from_params
     from heretic.config import DEFAULT_REFUSAL_MARKERS, DatasetSpecification
@@ -393,13 +394,14 @@ def same_judge(
     todo = [n for n in wanted if str(n) not in cache.get("upstream", {})]
     if todo:
         m = loaded()
-        good_res = m.residuals(prompt_set("good_prompts"), 32)
-        bad_res = m.residuals(prompt_set("bad_prompts"), 32)
+        good_res = m.residuals(prompt_set("good_prompts"), 32).clone()  # (editable below)
+        bad_res = m.residuals(prompt_set("bad_prompts"), 32).clone()
         # Upstream reads residuals from transformers' hidden states, whose last entry is the
         # final norm's output: its last layer's direction is taken after that norm.
         norm = m.model.model.norm
-        for residuals in (good_res, bad_res):
-            residuals[:, -1] = norm(residuals[:, -1].to(norm.weight.dtype)).float()
+        with torch.no_grad():
+            for residuals in (good_res, bad_res):
+                residuals[:, -1] = norm(residuals[:, -1].to(norm.weight.dtype)).float()
         directions = orthogonalize(
             mean_difference(good_res, bad_res), normalize(good_res.double().mean(dim=0)).float()
         )

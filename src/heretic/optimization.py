@@ -214,14 +214,15 @@ WARM_STARTS: dict[str, list[WarmStart]] = {
         WarmStart(
             "range",
             {
-                ATTN: {"layer_min": 0.375, "layer_span": 0.951, "weight": 1.098},
-                MLP: {"layer_min": 0.599, "layer_span": 0.156, "weight": 0.234},
+                ATTN: {"layer_min": 0.708, "layer_span": 0.719, "weight": 1.010},
+                MLP: {"layer_min": 0.707, "layer_span": 0.267, "weight": 2.269},
             },
             None,
-            measured="SmolLM2-135M-Instruct organism (LlamaForCausalLM, 30 layers), 2026-11-25: "
-            "`benchmarks/quality.py --n-trials 20 --label range-perlayer-cold --set "
-            "search_space=range --set direction_scope=per_layer --set "
-            "use_warm_start_params=false`, its best trial: 4/100 refusals (base 79) at KL 0.112",
+            measured="SmolLM2-135M-Instruct organism (LlamaForCausalLM, 30 layers), 2026-11-26, "
+            "default edit (fitted readouts, good-mean orthogonalization, max_weight 2.5, echoed "
+            "markers ignored): `benchmarks/quality.py --n-trials 20 --label final --set "
+            "use_warm_start_params=false`, its best trial (14): 1/100 refusals (base 89 by the "
+            "adaptive judge; 1 by upstream's rule, base 79) at KL 0.032",
         ),
     ],
 }
