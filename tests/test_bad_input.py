@@ -330,7 +330,13 @@ def test_nan_activations(env, capsys, monkeypatch):
     def nan_residuals(self, prompts, *args, **kwargs):
         return torch.full((len(prompts), self.n_layers, self.hidden_size), float("nan"))
 
+    def nan_with_module_outputs(self, prompts, *args, **kwargs):
+        outputs = torch.zeros(len(prompts), self.n_layers, 2, self.hidden_size)
+        return nan_residuals(self, prompts), outputs
+
     monkeypatch.setattr(Model, "residuals", nan_residuals)
+    # With fitted readouts (the default) one pass gives residuals and module outputs.
+    monkeypatch.setattr(Model, "residuals_and_module_outputs", nan_with_module_outputs)
     message = fails(argv(env), capsys)
     assert "NaN/inf activations" in message and "--dtype float32" in message
 
