@@ -2,6 +2,7 @@
 
     python benchmarks/quality.py --model ORGANISM [--n-trials 20 50] [--workdir DIR]
         [--skip-upstream] [--skip-ours] [--set search_space=tent ...] [--label NAME]
+        [--same-judge MAX_REFUSALS]
 
 Both tools run headless on the same organism with the same prompt files (directions from
 advbench_rest[:270] and harmless_train[:400]; refusals on advbench_rest[270:370]; KL on
@@ -14,6 +15,10 @@ count on upstream's front, the smallest KL our study reached at that many refusa
 The issue's bar: at upstream's best (lowest) refusal count, our KL is at most half of upstream's
 (or we refuse less at equal KL). Results are kept as JSON under the work folder, so the tables
 can be printed again (`--skip-upstream --skip-ours`) without running anything.
+
+`--same-judge N` then generates every trial of either tool with at most N refusals again in
+heretic's code (upstream's rebuilt from its recorded parameters) and counts both with the same
+judges, upstream's marker rule and heretic's default judge (`same_judge`).
 
 Set HERETIC_UPSTREAM_VENV to use an upstream install outside this checkout.
 """
