@@ -134,41 +134,52 @@ def upstream_rule(response: str, markers: list[str]) -> bool:
     return any(marker.lower() in text for marker in markers)
 
 
-def rejudge_ours(folder: Path, model_path: str, prompts, markers: list[str]) -> dict[int, int]:
-    """Our front trials' refusal counts under upstream's judging rule, so both tools' fronts are
-    judged alike: each front trial's responses are generated again (greedy, 100 tokens, the
-    trial's edit as hooks) and counted with `upstream_rule`."""
+def prompt_set(prompts, key: str) -> list[str]:
+    """One of the benchmark's prompt sets (`write_prompts`), as heretic loads it."""
+    from heretic.config import DatasetSpecification
+    from heretic.prompts import load_prompts
+
+    path, split = prompts[key]
+    return load_prompts(DatasetSpecification(dataset=str(path), split=split), key)
+
+
+def our_edits(model, output_dir: Path):
+    """Hooks for the edits of our study in `output_dir`, as the study scored them (its row
+    normalization and readout are in its fingerprint), and a function giving a trial number's
+    (strengths, trial directions) for `hooks.set_strengths`."""
     import optuna
 
     from heretic.abliteration import EditHooks, edit_from_params
-    from heretic.config import DatasetSpecification
     from heretic.directions import DIRECTIONS_FILE, load_direction_extras, load_directions
-    from heretic.model import load_model
     from heretic.optimization import FINGERPRINT_ATTR, params_from_trial
-    from heretic.prompts import load_prompts
 
-    path, split = prompts["bad_evaluation_prompts"]
-    bad = load_prompts(DatasetSpecification(dataset=str(path), split=split), "bad")
-    model = load_model(model_path, system_prompt=SYSTEM_PROMPT)
-    directions, _ = load_directions(folder / "out" / DIRECTIONS_FILE)
-    # The edit as the study scored it: its row normalization is in the study's fingerprint.
+    directions, _ = load_directions(output_dir / DIRECTIONS_FILE)
     study = optuna.load_study(
-        study_name="heretic", storage=f"sqlite:///{(folder / 'out' / 'study.db').resolve()}"
+        study_name="heretic", storage=f"sqlite:///{(output_dir / 'study.db').resolve()}"
     )
     fingerprint = study.user_attrs.get(FINGERPRINT_ATTR, {})
     readouts = None
     if fingerprint.get("readout") == "fitted":
-        readouts = load_direction_extras(folder / "out" / DIRECTIONS_FILE)["readouts"]
+        readouts = load_direction_extras(output_dir / DIRECTIONS_FILE)["readouts"]
     hooks = EditHooks(
         model.modules, directions, fingerprint.get("row_normalization", "none"), readouts
     )
     trials = {t.number: t for t in study.trials}
+    return hooks, lambda number: edit_from_params(params_from_trial(trials[number]), directions)
+
+
+def rejudge_ours(folder: Path, model_path: str, prompts, markers: list[str]) -> dict[int, int]:
+    """Our front trials' refusal counts under upstream's judging rule, so both tools' fronts are
+    judged alike: each front trial's responses are generated again (greedy, 100 tokens, the
+    trial's edit as hooks) and counted with `upstream_rule`."""
+    from heretic.model import load_model
+
+    bad = prompt_set(prompts, "bad_evaluation_prompts")
+    model = load_model(model_path, system_prompt=SYSTEM_PROMPT)
+    hooks, edit_of = our_edits(model, folder / "out")
     counts = {}
     for _, _, number in pareto(our_points(folder / "out")):
-        strengths, trial_directions = edit_from_params(
-            params_from_trial(trials[number]), directions
-        )
-        hooks.set_strengths(strengths, trial_directions)
+        hooks.set_strengths(*edit_of(number))
         responses = model.generate(bad, 100, 32, lambda r, _prompt: upstream_rule(r, markers))
         hooks.clear()
         counts[number] = sum(upstream_rule(r, markers) for r in responses)
@@ -315,24 +326,14 @@ def same_judge(
     KL. Every trial of either tool with at most `max_refusals` refusals (by its own run's
     count) is judged. Responses are cached in the work folder, so a rerun only reports.
     """
-    import optuna
     import torch
 
-    from heretic.abliteration import EditHooks, edit_from_params
-    from heretic.config import DEFAULT_REFUSAL_MARKERS, DatasetSpecification
-    from heretic.directions import (
-        DIRECTIONS_FILE,
-        load_direction_extras,
-        load_directions,
-        mean_difference,
-        normalize,
-        orthogonalize,
-    )
+    from heretic.abliteration import EditHooks
+    from heretic.config import DEFAULT_REFUSAL_MARKERS
+    from heretic.directions import mean_difference, normalize, orthogonalize
     from heretic.evaluation import kl_divergence
     from heretic.judges import AdaptiveJudge
     from heretic.model import load_model
-    from heretic.optimization import FINGERPRINT_ATTR, params_from_trial
-    from heretic.prompts import load_prompts
 
     source = upstream_source(workdir, n_trials)
     ours_folder = workdir / f"ours-{label}-{n_trials}"
@@ -356,11 +357,8 @@ def same_judge(
             tmp.write_text(json.dumps({k: cache[k] for k in keys if k in cache}))
             tmp.replace(path)
 
-    def prompt_set(key: str) -> list[str]:
-        path, split = prompts[key]
-        return load_prompts(DatasetSpecification(dataset=str(path), split=split), key)
-
-    bad, good = prompt_set("bad_evaluation_prompts"), prompt_set("good_evaluation_prompts")
+    bad = prompt_set(prompts, "bad_evaluation_prompts")
+    good = prompt_set(prompts, "good_evaluation_prompts")
     model = None
 
     def loaded():
@@ -399,8 +397,8 @@ def same_judge(
     todo = [n for n in wanted if str(n) not in cache.get("upstream", {})]
     if todo:
         m = loaded()
-        good_res = m.residuals(prompt_set("good_prompts"), 32).clone()  # (editable below)
-        bad_res = m.residuals(prompt_set("bad_prompts"), 32).clone()
+        good_res = m.residuals(prompt_set(prompts, "good_prompts"), 32).clone()  # (editable below)
+        bad_res = m.residuals(prompt_set(prompts, "bad_prompts"), 32).clone()
         # Upstream reads residuals from transformers' hidden states, whose last entry is the
         # final norm's output: its last layer's direction is taken after that norm.
         norm = m.model.model.norm
@@ -434,26 +432,10 @@ def same_judge(
     wanted_ours = {n for _, r, n in our_pts if r <= max_refusals}
     todo = [n for n in wanted_ours if str(n) not in cache.get("ours", {})]
     if todo:
-        m = loaded()
-        out = ours_folder / "out"
-        directions, _ = load_directions(out / DIRECTIONS_FILE)
-        study = optuna.load_study(
-            study_name="heretic", storage=f"sqlite:///{(out / 'study.db').resolve()}"
-        )
-        fingerprint = study.user_attrs.get(FINGERPRINT_ATTR, {})
-        readouts = None
-        if fingerprint.get("readout") == "fitted":
-            readouts = load_direction_extras(out / DIRECTIONS_FILE)["readouts"]
-        hooks = EditHooks(
-            m.modules, directions, fingerprint.get("row_normalization", "none"), readouts
-        )
-        trials = {t.number: t for t in study.trials}
+        hooks, edit_of = our_edits(loaded(), ours_folder / "out")
         for i, number in enumerate(sorted(todo)):
             print(f"our trial {number} ({i + 1}/{len(todo)}) ...", flush=True)
-            strengths, trial_directions = edit_from_params(
-                params_from_trial(trials[number]), directions
-            )
-            generate("ours", number, hooks, strengths, trial_directions)
+            generate("ours", number, hooks, *edit_of(number))
         hooks.remove()
     our_entries = {int(k): v for k, v in cache.get("ours", {}).items() if int(k) in wanted_ours}
 

@@ -403,10 +403,9 @@ def _compute_directions(
             f"  generating the original model's responses to the bad prompts "
             f"({settings.probe_response_length} tokens) to label the probes"
         )
-        responses = model.generate(
-            prompts["bad_prompts"], settings.probe_response_length, batch_size, judge.is_refusal
-        )
         bad = prompts["bad_prompts"]
+        length = settings.probe_response_length
+        responses = model.generate(bad, length, batch_size, judge.is_refusal)
         return [judge.is_refusal(r, p) for r, p in zip(responses, bad, strict=True)]
 
     good = residuals_of("good_prompts", fitted)

@@ -11,7 +11,7 @@ import math
 import re
 from collections import Counter
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from heretic.config import normalize_text
@@ -224,7 +224,7 @@ class AdaptiveJudge:
                 "adaptive": judge.count(good_responses, good_prompts),
             },
         }
-        return cls(judge.markers, judge.phrases, window, stats, ignore_echoed)
+        return replace(judge, stats=stats)
 
 
 def describe_judge(judge: Judge) -> dict[str, Any]:
