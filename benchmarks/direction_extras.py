@@ -71,11 +71,12 @@ def lowest_refusals(study):
 
 def capability_kl(model, base_logprobs, prompts, directions, trial) -> float:
     """First-token KL on the held-out knowledge questions with the trial's edit on."""
-    from heretic.abliteration import EditHooks, strengths_from_params
+    from heretic.abliteration import strengths_from_params
+    from heretic.edit import EditHooks
     from heretic.evaluation import kl_divergence
     from heretic.optimization import params_from_trial
 
-    hooks = EditHooks(model.modules, directions)
+    hooks = EditHooks(model.sites, directions)
     try:
         hooks.set_strengths(strengths_from_params(params_from_trial(trial), model.n_layers))
         with torch.inference_mode():

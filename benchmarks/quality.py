@@ -149,8 +149,9 @@ def our_edits(model, output_dir: Path):
     (strengths, trial directions) for `hooks.set_strengths`."""
     import optuna
 
-    from heretic.abliteration import EditHooks, edit_from_params
+    from heretic.abliteration import edit_from_params
     from heretic.directions import DIRECTIONS_FILE, load_direction_extras, load_directions
+    from heretic.edit import EditHooks
     from heretic.optimization import FINGERPRINT_ATTR, params_from_trial
 
     directions, _ = load_directions(output_dir / DIRECTIONS_FILE)
@@ -162,7 +163,7 @@ def our_edits(model, output_dir: Path):
     if fingerprint.get("readout") == "fitted":
         readouts = load_direction_extras(output_dir / DIRECTIONS_FILE)["readouts"]
     hooks = EditHooks(
-        model.modules, directions, fingerprint.get("row_normalization", "none"), readouts
+        model.sites, directions, fingerprint.get("row_normalization", "none"), readouts
     )
     trials = {t.number: t for t in study.trials}
     return hooks, lambda number: edit_from_params(params_from_trial(trials[number]), directions)
@@ -328,9 +329,9 @@ def same_judge(
     """
     import torch
 
-    from heretic.abliteration import EditHooks
     from heretic.config import DEFAULT_REFUSAL_MARKERS
     from heretic.directions import mean_difference, normalize, orthogonalize
+    from heretic.edit import EditHooks
     from heretic.evaluation import kl_divergence
     from heretic.judges import AdaptiveJudge
     from heretic.model import load_model
@@ -409,7 +410,7 @@ def same_judge(
             mean_difference(good_res, bad_res), normalize(good_res.double().mean(dim=0)).float()
         )
         del good_res, bad_res
-        hooks = EditHooks(m.modules, directions, "full")
+        hooks = EditHooks(m.sites, directions, "full")
         trials = {t.number: t for t in upstream_trials(source)}
         for i, number in enumerate(sorted(todo)):
             attrs = trials[number].user_attrs

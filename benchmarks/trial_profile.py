@@ -24,15 +24,16 @@ import torch
 
 from heretic.abliteration import (
     ComponentParams,
-    EditHooks,
     first_edited_layer,
     strengths_from_params,
 )
 from heretic.cli import layer_skip_budget
 from heretic.config import DEFAULT_REFUSAL_MARKERS
 from heretic.directions import mean_difference
+from heretic.edit import EditHooks
 from heretic.evaluation import Evaluator, MarkerJudge
-from heretic.model import ATTN, MLP, load_model, regroup
+from heretic.model import load_model, regroup
+from heretic.sites import ATTN, MLP
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
@@ -78,7 +79,7 @@ def main() -> None:
         )
     )
     print(f"original model scored in {seconds:.1f} s: {evaluator.base_refusals}/100 refusals")
-    hooks = EditHooks(model.modules, directions)
+    hooks = EditHooks(model.sites, directions)
     edits = {
         "none": None,
         "weak (w 0.3, layers 0.4-0.7)": ComponentParams(0.4, 0.7, 0.3),

@@ -156,8 +156,9 @@ def reset_seconds(model_path: str) -> dict[str, float]:
     """Seconds to undo one trial's edit and switch on the next, per reset strategy."""
     import torch
 
-    from heretic.model import COMPONENTS, load_model
+    from heretic.model import load_model
     from heretic.reset import make_edit
+    from heretic.sites import COMPONENTS
 
     model = load_model(model_path)
     directions = torch.nn.functional.normalize(
@@ -166,9 +167,7 @@ def reset_seconds(model_path: str) -> dict[str, float]:
     strengths = {c: torch.rand(model.n_layers) for c in COMPONENTS}
     seconds = {}
     for strategy, repeats in (("adapter", 100), ("cache", 5)):
-        edit = make_edit(
-            strategy, model.modules, directions, model.hidden_size, log=lambda _line: None
-        )
+        edit = make_edit(strategy, model.sites, directions, log=lambda _line: None)
         edit.set_strengths(strengths)
         start = time.perf_counter()
         for _ in range(repeats):

@@ -9,9 +9,9 @@ import pytest
 import torch
 import transformers
 
-from heretic.abliteration import EditHooks, merge_edit, restore_weights
 from heretic.directions import normalize
-from heretic.model import ATTN, COMPONENTS, MLP, editable_modules, find_decoder_layers
+from heretic.edit import EditHooks, TrialEdit, merge_edit, restore_weights
+from heretic.sites import ATTN, COMPONENTS, MLP, discover_sites
 
 COMMON = dict(
     vocab_size=128,
@@ -53,45 +53,14 @@ def _directions(n_layers: int, hidden: int) -> torch.Tensor:
 @pytest.fixture(params=sorted(CONFIGS))
 def arch(request):
     model = tiny_model(request.param)
-    layers = find_decoder_layers(model)
-    modules = [editable_modules(layer, i) for i, layer in enumerate(layers)]
-    return request.param, model, modules
+    return request.param, model, discover_sites(model)
 
 
 def test_finds_layers_and_writers(arch):
-    name, model, modules = arch
-    assert len(modules) == COMMON["num_hidden_layers"]
-    for components in modules:
-        assert set(components) == set(COMPONENTS)
-        assert all(components[c] for c in COMPONENTS)
-
-
-def test_full_strength_leaves_no_component_along_r(arch):
-    name, model, modules = arch
-    directions = _directions(len(modules), COMMON["hidden_size"])
-    hooks = EditHooks(modules, directions)
-    hooks.set_strengths({c: torch.ones(len(modules)) for c in COMPONENTS})
-    outputs: list[tuple[int, torch.Tensor]] = []
-    capture = []
-    for i, components in enumerate(modules):
-        for c in COMPONENTS:
-            for module in components[c]:
-
-                def grab(_m, _inp, out, i=i):
-                    outputs.append((i, out[0] if isinstance(out, tuple) else out))
-
-                # Registered after the edit hook, so it sees the edited output.
-                capture.append(module.register_forward_hook(grab))
-    ids = torch.randint(0, COMMON["vocab_size"], (2, 9), generator=torch.Generator().manual_seed(2))
-    with torch.no_grad():
-        model(input_ids=ids)
-    assert len(outputs) == 2 * len(modules)
-    for i, out in outputs:
-        along = out @ directions[i]
-        assert along.abs().max() < 1e-4 * max(1.0, float(out.abs().max())), (name, i)
-    for h in capture:
-        h.remove()
-    hooks.remove()
+    name, model, sites = arch
+    assert {(s.layer, s.component) for s in sites} == {
+        (i, c) for i in range(COMMON["num_hidden_layers"]) for c in COMPONENTS
+    }
 
 
 @pytest.mark.parametrize("row_normalization", ["none", "full"])
@@ -99,7 +68,7 @@ def test_merged_weights_match_hooks_and_restore_exactly(arch, row_normalization)
     """Also with row normalization, which mixture-of-experts blocks (hooked as a whole) skip
     in both forms alike."""
     name, model, modules = arch
-    n = len(modules)
+    n = COMMON["num_hidden_layers"]
     directions = _directions(n, COMMON["hidden_size"])
     strengths = {ATTN: torch.tensor([0.0, 0.7, 1.2])[:n], MLP: torch.tensor([1.0, 0.0, 0.5])[:n]}
     ids = torch.randint(0, COMMON["vocab_size"], (2, 7), generator=torch.Generator().manual_seed(3))
@@ -110,9 +79,7 @@ def test_merged_weights_match_hooks_and_restore_exactly(arch, row_normalization)
         hooks.set_strengths(strengths)
         hooked = model(input_ids=ids).logits
         hooks.remove()
-        originals = merge_edit(
-            modules, directions, strengths, COMMON["hidden_size"], row_normalization
-        )
+        originals = merge_edit(modules, TrialEdit(strengths, directions, None, row_normalization))
         merged = model(input_ids=ids).logits
         restore_weights(modules, originals)
         restored = model(input_ids=ids).logits

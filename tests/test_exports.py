@@ -10,10 +10,11 @@ import numpy as np
 import pytest
 import torch
 
-from heretic.abliteration import merge_edit, restore_weights
+from heretic.edit import TrialEdit, merge_edit, restore_weights
 from heretic.errors import ExportError
 from heretic.export import adapter_weights, write_adapter_files
-from heretic.model import COMPONENTS, load_model
+from heretic.model import load_model
+from heretic.sites import COMPONENTS, MLP, EditSite, WriterTensor
 
 HIDDEN, FFN, LAYERS, HEADS, KV_HEADS = 64, 128, 2, 4, 2
 
@@ -54,16 +55,8 @@ def test_adapter_matches_merged_model(tiny_chat_model, tmp_path, row_normalizati
         readouts = 0.3 * torch.randn(
             model.n_layers, len(COMPONENTS), model.hidden_size, generator=gen
         )
-    targets = write_adapter_files(
-        model.model,
-        model.modules,
-        directions,
-        strengths,
-        str(tiny_chat_model),
-        tmp_path / "a",
-        row_normalization,
-        readouts=readouts,
-    )
+    edit = TrialEdit(strengths, directions, readouts, row_normalization)
+    targets = write_adapter_files(model.sites, edit, str(tiny_chat_model), tmp_path / "a")
     config = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
     assert config["use_dora"] is (row_normalization == "full")
     # Layer 1's attention has strength 0: not a target.
@@ -72,14 +65,7 @@ def test_adapter_matches_merged_model(tiny_chat_model, tmp_path, row_normalizati
         "model.layers.0.self_attn.o_proj",
         "model.layers.1.mlp.down_proj",
     ]
-    merge_edit(
-        model.modules,
-        directions,
-        strengths,
-        model.hidden_size,
-        row_normalization,
-        readouts=readouts,
-    )
+    merge_edit(model.sites, edit)
     merged = _logits(model.model, model.tokenizer)
 
     base = AutoModelForCausalLM.from_pretrained(tiny_chat_model, dtype=torch.float32)
@@ -95,7 +81,7 @@ def test_adapter_refuses_moe_blocks_and_empty_edits(tiny_chat_model):
     directions, strengths = _edit(model.n_layers, model.hidden_size)
     zero = {c: torch.zeros(model.n_layers) for c in COMPONENTS}
     with pytest.raises(ExportError, match="edits nothing"):
-        adapter_weights(model.model, model.modules, directions, zero)
+        adapter_weights(model.sites, TrialEdit(zero, directions))
 
     class Experts(torch.nn.Module):  # stands in for a fused-expert MoE block
         def __init__(self) -> None:
@@ -103,14 +89,35 @@ def test_adapter_refuses_moe_blocks_and_empty_edits(tiny_chat_model):
             self.down_proj = torch.nn.Parameter(torch.zeros(4, HIDDEN, FFN))
 
     moe = Experts()
-    model.model.add_module("moe", moe)
-    modules = [dict(m) for m in model.modules]
-    modules[1] = {**modules[1], COMPONENTS[1]: [moe]}
-    with pytest.raises(ExportError, match="mixture of experts.*--export model"):
-        adapter_weights(model.model, modules, directions, strengths)
+    site = EditSite(1, MLP, "moe", moe, [WriterTensor("moe.down_proj", moe.down_proj, 1, 0)])
+    with pytest.raises(ExportError, match="moe .*mixture of experts.*--export model"):
+        adapter_weights([*model.sites, site], TrialEdit(strengths, directions))
 
 
 # ----- GGUF --------------------------------------------------------------------------------
+
+
+def _linear_site(layer: int, component: str, name: str) -> EditSite:
+    module = torch.nn.Linear(FFN, HIDDEN, bias=False)
+    return EditSite(
+        layer, component, name, module, [WriterTensor(f"{name}.weight", module.weight, 0)]
+    )
+
+
+def _moe_sites() -> list[EditSite]:
+    """Layer 0 dense; layer 1 a mixture-of-experts block (fused experts and a shared expert)."""
+    block = torch.nn.Module()
+    block.experts = torch.nn.Parameter(torch.zeros(4, HIDDEN, FFN))
+    shared = torch.nn.Linear(FFN, HIDDEN, bias=False)
+    tensors = [
+        WriterTensor("model.layers.1.mlp.experts.down_proj", block.experts, 1, 0),
+        WriterTensor("model.layers.1.mlp.shared_expert.down_proj.weight", shared.weight, 0),
+    ]
+    return [
+        _linear_site(0, COMPONENTS[0], "model.layers.0.self_attn.o_proj"),
+        _linear_site(0, MLP, "model.layers.0.mlp.down_proj"),
+        EditSite(1, MLP, "model.layers.1.mlp", block, tensors),
+    ]
 
 
 def test_gguf_plan_row_normalizes_dense_matrices_only():
@@ -125,7 +132,7 @@ def test_gguf_plan_row_normalizes_dense_matrices_only():
         "blk.1.ffn_down_exps.weight",
         "blk.1.ffn_down_shexp.weight",
     }
-    plan = plan_edits(names, directions, strengths, "full")
+    plan = plan_edits(names, _moe_sites(), TrialEdit(strengths, directions, None, "full"))
     modes = {name: edit.row_normalization for name, edit in plan.items()}
     assert modes == {
         "blk.0.attn_output.weight": "full",
@@ -198,9 +205,9 @@ def gguf_case(tiny_gguf):
     model = load_model(str(tiny_gguf), dtype="float32")
     directions, strengths = _edit(model.n_layers, model.hidden_size)
     unedited = _logits(model.model, model.tokenizer)
-    originals = merge_edit(model.modules, directions, strengths, model.hidden_size)
+    originals = merge_edit(model.sites, TrialEdit(strengths, directions))
     merged = _logits(model.model, model.tokenizer)
-    restore_weights(model.modules, originals)
+    restore_weights(model.sites, originals)
     return model, directions, strengths, unedited, merged
 
 
@@ -218,7 +225,9 @@ def test_gguf_export_round_trip(tiny_gguf, gguf_case, tmp_path, edited_type, fra
 
     model, directions, strengths, unedited, merged = gguf_case
     reader = gguf.GGUFReader(tiny_gguf)
-    edits = plan_edits({t.name for t in reader.tensors}, directions, strengths)
+    edits = plan_edits(
+        {t.name for t in reader.tensors}, model.sites, TrialEdit(strengths, directions)
+    )
     assert sorted(edits) == [
         "blk.0.attn_output.weight",
         "blk.0.ffn_down.weight",
@@ -258,8 +267,10 @@ def test_gguf_plan_names_missing_tensors():
     from heretic.gguf_export import plan_edits
 
     directions, strengths = _edit(LAYERS, HIDDEN)
-    with pytest.raises(ExportError, match="no blk.1.ffn_down.weight"):
-        plan_edits({"blk.0.attn_output.weight", "blk.0.ffn_down.weight"}, directions, strengths)
+    sites = _moe_sites()[:2] + [_linear_site(1, MLP, "model.layers.1.mlp.down_proj")]
+    edit = TrialEdit(strengths, directions)
+    with pytest.raises(ExportError, match=r"model.layers.1.mlp.down_proj.weight \(expected blk.1"):
+        plan_edits({"blk.0.attn_output.weight", "blk.0.ffn_down.weight"}, sites, edit)
 
 
 def test_gguf_output_names():

@@ -6,11 +6,13 @@ import pytest
 import torch
 from test_architectures import COMMON, CONFIGS
 
-from heretic.abliteration import EditHooks, first_edited_layer
+from heretic.abliteration import first_edited_layer
 from heretic.directions import normalize
+from heretic.edit import EditHooks
 from heretic.evaluation import Evaluator, MarkerJudge
-from heretic.model import ATTN, COMPONENTS, MLP, Model, ModelSource, load_model
+from heretic.model import Model, ModelSource, load_model
 from heretic.optimization import dominated_by
+from heretic.sites import ATTN, COMPONENTS, MLP
 
 PROMPTS = [f"Write item {i} of a list about {w}." for i, w in enumerate("abcdefghijklmnop")]
 
@@ -219,7 +221,7 @@ def test_skipping_unedited_layers_gives_the_same_log_probs(name, chat_tokenizer_
     assert "skip unedited layers" in logged[0]
 
     g = torch.Generator().manual_seed(1)
-    hooks = EditHooks(model.modules, normalize(torch.randn(5, COMMON["hidden_size"], generator=g)))
+    hooks = EditHooks(model.sites, normalize(torch.randn(5, COMMON["hidden_size"], generator=g)))
     for first in range(5):
         strengths = {c: torch.zeros(5) for c in COMPONENTS}
         strengths[ATTN][first:] = 0.9

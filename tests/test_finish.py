@@ -16,15 +16,16 @@ import pytest
 import torch
 from rich.console import Console
 
-from heretic.abliteration import EditHooks
 from heretic.card import SourceInfo, render_card, reproduce_args, source_info
 from heretic.config import load_settings
+from heretic.edit import EditHooks
 from heretic.errors import ExportError, HereticError, SettingsError
 from heretic.finish import Finisher
 from heretic.judges import AdaptiveJudge
 from heretic.menu import BACK, MORE, QUIT, SAVE, UPLOAD, ScriptedAsker, run_menu
-from heretic.model import COMPONENTS, load_model
+from heretic.model import load_model
 from heretic.optimization import KL_ATTR, REFUSALS_ATTR
+from heretic.sites import COMPONENTS
 from heretic.upload import upload_folder
 
 
@@ -81,7 +82,7 @@ def _finisher(model_path: Path, out: Path, *argv: str, search_more=None) -> Fini
         settings=settings,
         console=_quiet(),
         model=model,
-        hooks=EditHooks(model.modules, directions),
+        hooks=EditHooks(model.sites, directions),
         directions=directions,
         evaluator=FakeEvaluator(),
         study=study,

@@ -9,12 +9,13 @@ import pytest
 import torch
 from rich.console import Console
 
-from heretic.abliteration import EditHooks, merge_edit, restore_weights, row_edit
+from heretic.abliteration import row_edit
 from heretic.cli import run
 from heretic.config import load_settings
 from heretic.directions import DIRECTIONS_FILE, fit_readouts, load_direction_extras, normalize
+from heretic.edit import EditHooks, TrialEdit, merge_edit, restore_weights
 from heretic.errors import HereticError
-from heretic.model import ATTN, COMPONENTS, MLP, editable_modules, find_decoder_layers
+from heretic.sites import ATTN, COMPONENTS, MLP, discover_sites
 
 
 def _reference(good, bad, r, ridge):
@@ -103,8 +104,8 @@ def test_hooks_match_merged_weights_with_readouts(arch):
     from test_architectures import COMMON, tiny_model
 
     model = tiny_model(arch)
-    modules = [editable_modules(layer, i) for i, layer in enumerate(find_decoder_layers(model))]
-    n, hidden = len(modules), COMMON["hidden_size"]
+    modules = discover_sites(model)
+    n, hidden = COMMON["num_hidden_layers"], COMMON["hidden_size"]
     g = torch.Generator().manual_seed(2)
     directions = normalize(torch.randn(n, hidden, generator=g))
     readouts = torch.randn(n, len(COMPONENTS), hidden, generator=g) * 0.3
@@ -120,7 +121,7 @@ def test_hooks_match_merged_weights_with_readouts(arch):
         plain.set_strengths(strengths)
         plain_logits = model(input_ids=ids).logits
         plain.remove()
-        originals = merge_edit(modules, directions, strengths, hidden, readouts=readouts)
+        originals = merge_edit(modules, TrialEdit(strengths, directions, readouts))
         merged = model(input_ids=ids).logits
         restore_weights(modules, originals)
     assert not torch.allclose(base, hooked, atol=1e-4)

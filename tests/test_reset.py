@@ -5,9 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from heretic.abliteration import ComponentParams, EditHooks, strengths_from_params
+from heretic.abliteration import ComponentParams, strengths_from_params
 from heretic.directions import normalize
-from heretic.model import ATTN, COMPONENTS, MLP, load_model
+from heretic.edit import EditHooks
+from heretic.model import load_model
 from heretic.reset import (
     CachedEdit,
     ReloadEdit,
@@ -16,6 +17,7 @@ from heretic.reset import (
     editable_matrices,
     make_edit,
 )
+from heretic.sites import ATTN, MLP
 
 PROMPTS = ["Name a colour.", "Count to three, please.", "What is a cat?"]
 
@@ -53,20 +55,19 @@ def test_in_place_strategies_match_the_hooks_and_reset_exactly(
     pristine = _snapshot(model)
     base = model.first_token_logprobs(PROMPTS, 3)
 
-    hooks = EditHooks(model.modules, directions, row_normalization)
+    hooks = EditHooks(model.sites, directions, row_normalization)
     hooks.set_strengths(_strengths(model))
     hooked = model.first_token_logprobs(PROMPTS, 3)
     hooks.remove()
 
     def read():
-        return editable_matrices(load_model(str(tiny_chat_model), dtype="float32").modules)
+        return editable_matrices(load_model(str(tiny_chat_model), dtype="float32").sites)
 
     logged: list[str] = []
     edit = make_edit(
         strategy,
-        model.modules,
+        model.sites,
         directions,
-        model.hidden_size,
         model_bytes=model.nbytes,
         read_matrices=read,
         log=logged.append,
@@ -90,24 +91,15 @@ def test_in_place_strategies_match_the_hooks_and_reset_exactly(
     edit.remove()
 
 
-def test_cache_size_is_the_editable_matrices_only(model):
-    cache = WeightCache.create(model.modules, model.nbytes, log=lambda _: None)
+def test_cache_size_is_the_edit_sites_tensors_only(model):
+    cache = WeightCache.create(model.sites, model.nbytes, log=lambda _: None)
     expected = sum(
         p.numel() * p.element_size()
-        for layer in model.modules
-        for c in COMPONENTS
-        for m in layer[c]
-        for p in m.parameters()
+        for site in model.sites
+        for p in site.module.parameters()
         if p.dim() == 2
     )
     assert cache.nbytes == expected < model.nbytes
-
-
-def test_cannot_access_a_layer(model):
-    modules = [dict(layer) for layer in model.modules]
-    modules[1][ATTN] = [object()]
-    with pytest.raises(WeightCacheError, match="Cannot access layer 1 .*--reset-strategy adapter"):
-        WeightCache.create(modules, log=lambda _: None)
 
 
 def test_out_of_memory_while_caching(model, monkeypatch):
@@ -115,49 +107,46 @@ def test_out_of_memory_while_caching(model, monkeypatch):
         raise torch.OutOfMemoryError("CUDA out of memory")
 
     monkeypatch.setattr(torch.Tensor, "clone", no_memory)
-    with pytest.raises(WeightCacheError, match="Out of memory while caching .*layer 0.*adapter"):
-        WeightCache.create(model.modules, log=lambda _: None)
+    first = model.sites[0].name
+    with pytest.raises(WeightCacheError, match=f"Out of memory while caching .*{first}.*adapter"):
+        WeightCache.create(model.sites, log=lambda _: None)
 
 
 def test_restore_validates_the_cache(model):
-    cache = WeightCache.create(model.modules, log=lambda _: None)
+    cache = WeightCache.create(model.sites, log=lambda _: None)
     with pytest.raises(WeightCacheError, match="empty"):
-        WeightCache([]).restore(model.modules)
-    with pytest.raises(WeightCacheError, match=f"1 layers but the model has {model.n_layers}"):
-        WeightCache(cache.matrices[:1]).restore(model.modules)
+        WeightCache([]).restore(model.sites)
+    n = len(model.sites)
+    with pytest.raises(WeightCacheError, match=f"1 edit sites but the model has {n}"):
+        WeightCache(cache.matrices[:1]).restore(model.sites)
 
-    missing = list(cache.matrices)
-    missing[1] = None
-    with pytest.raises(WeightCacheError, match="Layer 1 is missing"):
-        WeightCache(missing).restore(model.modules)
+    missing = [list(tensors) for tensors in cache.matrices]
+    missing[1] = []
+    with pytest.raises(WeightCacheError, match=f"{model.sites[1].name}: the cache holds 0"):
+        WeightCache(missing).restore(model.sites)
 
-    no_mlp = [dict(layer) for layer in cache.matrices]
-    del no_mlp[0][MLP]
-    with pytest.raises(WeightCacheError, match=f"Component {MLP} is missing in layer 0"):
-        WeightCache(no_mlp).restore(model.modules)
-
-    wrong = [dict(layer) for layer in cache.matrices]
-    wrong[1] = {**wrong[1], ATTN: [torch.zeros(3, 3)]}
-    with pytest.raises(WeightCacheError, match=f"Shape mismatch at layer 1 component {ATTN}"):
-        WeightCache(wrong).restore(model.modules)
+    wrong = [list(tensors) for tensors in cache.matrices]
+    wrong[1] = [torch.zeros(3, 3)]
+    with pytest.raises(WeightCacheError, match=f"Shape mismatch at {model.sites[1].name}"):
+        WeightCache(wrong).restore(model.sites)
 
 
 def test_dtype_mismatch_warns_and_converts(model):
     pristine = _snapshot(model)
-    cache = WeightCache.create(model.modules, log=lambda _: None)
-    cache.matrices[0][ATTN] = [t.double() for t in cache.matrices[0][ATTN]]
-    with pytest.warns(UserWarning, match="dtype mismatch at layer 0 component"):
-        cache.restore(model.modules)
-    assert cache.matrices[0][ATTN][0].dtype == torch.float32
+    cache = WeightCache.create(model.sites, log=lambda _: None)
+    cache.matrices[0] = [t.double() for t in cache.matrices[0]]
+    with pytest.warns(UserWarning, match=f"dtype mismatch at {model.sites[0].name}"):
+        cache.restore(model.sites)
+    assert cache.matrices[0][0].dtype == torch.float32
     assert _same(_snapshot(model), pristine)
 
 
 def test_unknown_strategy_and_reload_without_reader(model):
     directions = _directions(model)
     with pytest.raises(ValueError, match="unknown reset strategy"):
-        make_edit("bogus", model.modules, directions, model.hidden_size)
+        make_edit("bogus", model.sites, directions)
     with pytest.raises(ValueError, match="read the weights"):
-        make_edit("reload", model.modules, directions, model.hidden_size)
-    assert isinstance(make_edit("cache", model.modules, directions, 64, log=print), CachedEdit)
-    reload = make_edit("reload", model.modules, directions, 64, read_matrices=lambda: [])
+        make_edit("reload", model.sites, directions)
+    assert isinstance(make_edit("cache", model.sites, directions, log=print), CachedEdit)
+    reload = make_edit("reload", model.sites, directions, read_matrices=lambda: [])
     assert isinstance(reload, ReloadEdit)

@@ -8,19 +8,16 @@ import torch
 from test_architectures import COMMON, tiny_model
 
 from heretic.abliteration import (
-    EditHooks,
     EditParams,
     TentParams,
     edit_from_params,
     interpolated_direction,
     layer_strengths,
-    merge_edit,
-    restore_weights,
 )
 from heretic.config import Settings
 from heretic.directions import normalize
+from heretic.edit import EditHooks, TrialEdit, merge_edit, restore_weights
 from heretic.errors import StudyError
-from heretic.model import ATTN, COMPONENTS, MLP, editable_modules, find_decoder_layers
 from heretic.optimization import (
     WARM_START_ATTR,
     WARM_STARTS,
@@ -33,6 +30,7 @@ from heretic.optimization import (
     open_study,
     params_from_trial,
 )
+from heretic.sites import ATTN, COMPONENTS, MLP, discover_sites
 
 # ----- the tent profile ----------------------------------------------------------------------
 
@@ -95,8 +93,8 @@ def test_global_direction_is_used_at_every_layer():
 def test_tent_global_trial_merged_gives_the_hooks_logits():
     """What the search scored (hooks with the trial's direction) is what gets saved (merged)."""
     model = tiny_model("llama")
-    modules = [editable_modules(layer, i) for i, layer in enumerate(find_decoder_layers(model))]
-    directions = _directions(len(modules), COMMON["hidden_size"])
+    modules = discover_sites(model)
+    directions = _directions(COMMON["num_hidden_layers"], COMMON["hidden_size"])
     params = EditParams(
         {ATTN: TentParams(1.3, 0.5, 0.3, 0.5), MLP: TentParams(0.9, 1.0, 0.6, 0.6)}, 0.7
     )
@@ -110,7 +108,7 @@ def test_tent_global_trial_merged_gives_the_hooks_logits():
         hooks.clear()  # back to no edit and the installed directions, for free
         torch.testing.assert_close(model(input_ids=ids).logits, base, atol=0, rtol=0)
         hooks.remove()
-        originals = merge_edit(modules, trial_directions, strengths, COMMON["hidden_size"])
+        originals = merge_edit(modules, TrialEdit(strengths, trial_directions))
         merged = model(input_ids=ids).logits
         restore_weights(modules, originals)
     assert not torch.allclose(base, hooked, atol=1e-4)

@@ -24,9 +24,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
-from torch import nn
 
-from heretic.model import COMPONENTS
+from heretic.sites import COMPONENTS
 
 ROW_NORMALIZATIONS = ("none", "pre", "full")
 
@@ -51,6 +50,14 @@ class RowEdit:
     b: torch.Tensor
     weight: float
     scale: torch.Tensor | None = None
+
+    def to(self, device: torch.device | str) -> RowEdit:
+        return RowEdit(
+            a=self.a.to(device),
+            b=self.b.to(device),
+            weight=self.weight,
+            scale=None if self.scale is None else self.scale.to(device),
+        )
 
     def apply(self, h: torch.Tensor) -> torch.Tensor:
         """The edited output for module outputs `h` (..., out), in float32, cast back."""
@@ -307,233 +314,3 @@ def check_trial_directions(directions: torch.Tensor | None, installed: torch.Ten
             f"trial directions {tuple(directions.shape)} do not match the installed "
             f"{tuple(installed.shape)}"
         )
-
-
-class EditHooks:
-    """Forward hooks that apply the edit to module outputs; W is never touched.
-
-    Install once; `set_strengths` switches the edit for a trial (with the trial's own
-    directions when it has them, e.g. one global direction), `clear` resets it for free.
-    With row normalization ("pre", "full"), each linear module's `RowEdit` depends on its
-    weights, so it is computed per trial in `set_strengths` (two matrix-vector products per
-    module); a mixture-of-experts block is hooked as a whole and gets the plain projection.
-    With fitted `readouts` (n_layers, n_components, hidden), every module's edit reads its
-    own readout (`row_edit`); they belong to the installed per-layer directions, so each
-    module's (direction, readout) pair is placed on its device once, at install.
-    """
-
-    def __init__(
-        self,
-        modules: list[dict[str, list[nn.Module]]],
-        directions: torch.Tensor,
-        row_normalization: str = "none",
-        readouts: torch.Tensor | None = None,
-    ):
-        check_directions(directions, len(modules))
-        check_readouts(readouts, directions)
-        if readouts is not None and row_normalization != "none":
-            raise ValueError("fitted readouts replace row normalization: use one or the other")
-        self.readouts = None if readouts is None else readouts.float()
-        if row_normalization not in ROW_NORMALIZATIONS:
-            raise ValueError(
-                f"unknown row normalization {row_normalization!r} "
-                f"(choose from {ROW_NORMALIZATIONS})"
-            )
-        self.modules = modules
-        self.directions = directions.float()
-        self.row_normalization = row_normalization
-        self._trial_directions: torch.Tensor | None = None
-        self._per_device: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
-        self._row_edits: dict[tuple[int, str, int], RowEdit] = {}
-        self._readout_pairs: dict[tuple[int, str, int], tuple[torch.Tensor, torch.Tensor]] = {}
-        self.strengths: dict[str, torch.Tensor] = {}
-        self._handles = []
-        for layer_index, components in enumerate(modules):
-            for component, module_list in components.items():
-                readout = component_readout(self.readouts, layer_index, component)
-                for position, module in enumerate(module_list):
-                    key = (layer_index, component, position)
-                    if readout is not None:
-                        device = next(module.parameters()).device
-                        self._readout_pairs[key] = (
-                            self.directions[layer_index].to(device),
-                            readout.to(device),
-                        )
-                    hook = self._make_hook(layer_index, component, position)
-                    self._handles.append(module.register_forward_hook(hook))
-
-    def _direction(self, layer_index: int, like: torch.Tensor) -> torch.Tensor:
-        key = (like.device, like.dtype)
-        if key not in self._per_device:
-            source = self.directions if self._trial_directions is None else self._trial_directions
-            self._per_device[key] = source.to(device=like.device, dtype=like.dtype)
-        return self._per_device[key][layer_index]
-
-    def _edit(self, h: torch.Tensor, layer_index: int, component: str, position: int, weight):
-        row = self._row_edits.get((layer_index, component, position))
-        if row is not None:
-            return row.apply(h)
-        return project_out(h, self._direction(layer_index, h), weight)
-
-    def _make_hook(self, layer_index: int, component: str, position: int):
-        def hook(_module, _inputs, output):
-            strengths = self.strengths.get(component)
-            if strengths is None:
-                return None
-            weight = float(strengths[layer_index])
-            if weight == 0.0:
-                return None
-            if isinstance(output, tuple):
-                h = output[0]
-                return (self._edit(h, layer_index, component, position, weight), *output[1:])
-            return self._edit(output, layer_index, component, position, weight)
-
-        return hook
-
-    @torch.no_grad()
-    def set_strengths(
-        self, strengths: Mapping[str, torch.Tensor], directions: torch.Tensor | None = None
-    ) -> None:
-        """Switch the edit on: `strengths` per component and layer; `directions`
-        (n_layers, hidden) for this trial only, or None for the directions given at install."""
-        check_trial_directions(directions, self.directions)
-        self._use_directions(directions)
-        self.strengths = {k: v.detach().float().cpu() for k, v in strengths.items()}
-        self._row_edits = {}
-        if self.row_normalization == "none" and self.readouts is None:
-            return
-        if self.readouts is not None and directions is not None:
-            if not torch.equal(directions.float(), self.directions):
-                raise ValueError(
-                    "fitted readouts belong to the installed per-layer directions; this trial "
-                    "has its own (direction_scope must be per_layer)"
-                )
-        source = self.directions if directions is None else directions.float()
-        for layer_index, components in enumerate(self.modules):
-            for component, module_list in components.items():
-                layer_strengths_ = self.strengths.get(component)
-                if layer_strengths_ is None or float(layer_strengths_[layer_index]) == 0.0:
-                    continue
-                weight = float(layer_strengths_[layer_index])
-                for position, module in enumerate(module_list):
-                    key = (layer_index, component, position)
-                    pair = self._readout_pairs.get(key)
-                    if pair is not None:
-                        self._row_edits[key] = RowEdit(a=pair[0], b=pair[1], weight=weight)
-                    elif module_row_normalization(module, self.row_normalization) != "none":
-                        self._row_edits[key] = row_edit(
-                            module.weight, source[layer_index], weight, self.row_normalization
-                        )
-
-    def _use_directions(self, directions: torch.Tensor | None) -> None:
-        if directions is None and self._trial_directions is None:
-            return  # the per-device copies of the installed directions stay valid
-        self._trial_directions = None if directions is None else directions.detach().float()
-        self._per_device = {}
-
-    def clear(self) -> None:
-        self.strengths = {}
-        self._row_edits = {}
-        self._use_directions(None)
-
-    def remove(self) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles = []
-        self.strengths = {}
-        self._row_edits = {}
-
-
-def _writer_matrices(module: nn.Module) -> list[tuple[nn.Parameter, bool]]:
-    """The weight tensors whose outputs the hook on `module` edits, with a flag for 3-D
-    fused-expert tensors (E, out, in) or (E, in, out)."""
-    if isinstance(module, nn.Linear):
-        return [(module.weight, False)]
-    # An MoE block: every expert's down-projection, plus a shared expert if there is one.
-    found: list[tuple[nn.Parameter, bool]] = []
-    for name, param in module.named_parameters():
-        leaf = name.rsplit(".", 1)[-1]
-        parent = name.rsplit(".", 1)[0] if "." in name else ""
-        if "gate" in parent.split(".")[-1:] or leaf.startswith("gate"):
-            continue
-        if "down_proj" in name or leaf in ("w2",):
-            found.append((param, param.dim() == 3))
-    if not found:
-        raise ValueError(f"no down-projection weights found in {type(module).__name__}")
-    return found
-
-
-def module_row_normalization(module: nn.Module, row_normalization: str) -> str:
-    """The row normalization a hooked module gets: the setting for a linear module, "none"
-    for a mixture-of-experts block (its hook edits the summed output of all experts, where
-    no single matrix's rows exist)."""
-    return row_normalization if isinstance(module, nn.Linear) else "none"
-
-
-@torch.no_grad()
-def merge_edit(
-    modules: list[dict[str, list[nn.Module]]],
-    directions: torch.Tensor,
-    strengths: Mapping[str, torch.Tensor],
-    hidden_size: int,
-    row_normalization: str = "none",
-    readouts: torch.Tensor | None = None,
-) -> dict[int, torch.Tensor]:
-    """Merge the edit into the weights (float32 math, cast back); returns the originals.
-
-    With fitted `readouts`, every module (a mixture-of-experts block's experts included: the
-    edit is linear in the block's output) reads its layer's readout.
-
-    `row_normalization` applies to linear modules; a mixture-of-experts block's expert
-    matrices get the plain projection, as its hook does.
-
-    The returned {id(param): original tensor} lets `restore_weights` undo the merge exactly,
-    which subtracting the edit back in bf16 would not.
-    """
-    originals: dict[int, torch.Tensor] = {}
-    for layer_index, components in enumerate(modules):
-        r = directions[layer_index]
-        for component, module_list in components.items():
-            weight = float(strengths[component][layer_index])
-            if weight == 0.0:
-                continue
-            readout = component_readout(readouts, layer_index, component)
-            for module in module_list:
-                mode = module_row_normalization(module, row_normalization)
-                for param, fused in _writer_matrices(module):
-                    originals.setdefault(id(param), param.detach().clone())
-                    param.copy_(_edit_tensor(param, r, weight, fused, hidden_size, mode, readout))
-    return originals
-
-
-def _edit_tensor(
-    param: torch.Tensor,
-    r: torch.Tensor,
-    weight: float,
-    fused: bool,
-    hidden_size: int,
-    row_normalization: str = "none",
-    readout: torch.Tensor | None = None,
-) -> torch.Tensor:
-    if not fused:
-        return edited_weight(param, r, weight, row_normalization, readout).to(param.dtype)
-    # Fused experts: find which axis is the residual (output) axis.
-    if param.shape[1] == hidden_size:  # (E, out=hidden, in)
-        edited = torch.stack([edited_weight(p, r, weight, "none", readout) for p in param])
-    elif param.shape[2] == hidden_size:  # (E, in, out=hidden): the transpose convention
-        edited = torch.stack([edited_weight(p.T, r, weight, "none", readout).T for p in param])
-    else:
-        raise ValueError(f"fused expert tensor {tuple(param.shape)} has no axis of {hidden_size}")
-    return edited.to(param.dtype)
-
-
-@torch.no_grad()
-def restore_weights(modules: list[dict[str, list[nn.Module]]], originals: dict[int, torch.Tensor]):
-    """Copy back the originals saved by `merge_edit`."""
-    for components in modules:
-        for module_list in components.values():
-            for module in module_list:
-                for param, _ in _writer_matrices(module):
-                    original = originals.get(id(param))
-                    if original is not None:
-                        param.copy_(original)

@@ -38,7 +38,7 @@ from heretic.errors import HereticError
 from heretic.evaluation import Evaluator, MarkerJudge, Score
 from heretic.finish import Finisher
 from heretic.judges import OPENING_TOKENS, AdaptiveJudge
-from heretic.model import COMPONENTS, Model, load_model
+from heretic.model import Model, load_model
 from heretic.optimization import (
     KL_ATTR,
     PRUNED_ATTR,
@@ -66,6 +66,7 @@ from heretic.refinements import (
     extras_metadata,
 )
 from heretic.reset import editable_matrices, make_edit
+from heretic.sites import COMPONENTS
 from heretic.workers import (
     OutputDirLease,
     exclusive_lock,
@@ -183,11 +184,10 @@ def _run(settings: Settings, console: Console) -> RunResult:
     directions, readouts = _directions(model, prompts, settings, batch_size, console)
     hooks = make_edit(
         settings.reset_strategy,
-        model.modules,
+        model.sites,
         directions,
-        model.hidden_size,
         model_bytes=model.nbytes,
-        read_matrices=lambda: editable_matrices(_load(settings, device_map="cpu").modules),
+        read_matrices=lambda: editable_matrices(_load(settings, device_map="cpu").sites),
         log=lambda line: console.print(f"  {line}", highlight=False),
         row_normalization=settings.row_normalization,
         readouts=readouts,

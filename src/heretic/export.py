@@ -9,15 +9,16 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from heretic.abliteration import component_readout, row_edit
+from heretic.edit import TrialEdit
 from heretic.errors import ExportError
+from heretic.sites import EditSite
 
 LIBRARIES = ("torch", "transformers", "optuna", "accelerate", "datasets", "pydantic-settings")
 
@@ -103,83 +104,79 @@ def save_model_folder(model: torch.nn.Module, tokenizer, path: Path) -> None:
         write_model_files(model, tokenizer, tmp)
 
 
-def write_model_files(model: torch.nn.Module, tokenizer, folder: Path) -> None:
-    """The merged model as transformers saves it (safetensors) plus the tokenizer."""
+def write_model_files(model: torch.nn.Module, tokenizer, folder: Path, processor=None) -> None:
+    """The merged model as transformers saves it (safetensors) plus the tokenizer, or the
+    processor of a vision-language model (which holds the tokenizer too)."""
     model.save_pretrained(folder, safe_serialization=True)
-    tokenizer.save_pretrained(folder)
+    (processor or tokenizer).save_pretrained(folder)
 
 
 def adapter_weights(
-    model: torch.nn.Module,
-    modules: list[dict[str, list[torch.nn.Module]]],
-    directions: torch.Tensor,
-    strengths: Mapping[str, torch.Tensor],
-    row_normalization: str = "none",
-    readouts: torch.Tensor | None = None,
-) -> tuple[dict[str, torch.Tensor], list[str]]:
-    """The edit as rank-1 LoRA weights, keyed the way PEFT saves them, and the target modules.
+    sites: Sequence[EditSite], edit: TrialEdit
+) -> tuple[dict[str, torch.Tensor], list[str], bool]:
+    """The edit as rank-1 LoRA weights keyed the way PEFT saves them, the target modules, and
+    whether the adapter needs LoRA biases.
 
     `W' = W - w a (b^T W)` (see `abliteration.row_edit`; a = b = r without row normalization)
     is `W + B A` with `A = b^T W` (1 x in) and `B = -w a` (out x 1), so with rank 1 and alpha 1
-    (scale 1) PEFT reproduces the merged model exactly (b is the fitted readout where
-    `readouts` are given). With "full" row normalization every
-    row of `W + B A` is given back its original norm: that is exactly DoRA's
-    `m * (W + B A) / |W + B A|_row` with the magnitude m = the original row norms, so the
-    adapter is a rank-1 DoRA adapter (`lora_magnitude_vector`) and is exact too. A mixture-of-
-    experts block is edited as a whole (every expert's down-projection), which PEFT's LoRA
-    cannot express for fused 3-D expert tensors: that is an error, never a silent skip.
+    (scale 1) PEFT reproduces the merged model exactly (b is the fitted readout where readouts
+    are given). A writer's bias changes by `-w a (b . bias)`: PEFT's `lora_bias` adds exactly
+    that as lora_B's bias. With "full" row normalization every row of `W + B A` is given back
+    its original norm: that is exactly DoRA's `m * (W + B A) / |W + B A|_row` with the
+    magnitude m = the original row norms, so the adapter is a rank-1 DoRA adapter
+    (`lora_magnitude_vector`) and is exact too. A site that is not one linear layer (a
+    mixture-of-experts block, fused 3-D expert tensors) cannot be expressed by PEFT's LoRA:
+    that is an error naming the module, never a silent skip.
     """
-    names = {id(module): name for name, module in model.named_modules()}
     tensors: dict[str, torch.Tensor] = {}
     targets: list[str] = []
-    for layer, components in enumerate(modules):
-        r = directions[layer].float()
-        for component, module_list in components.items():
-            weight = float(strengths[component][layer])
-            if weight == 0.0:
-                continue
-            for module in module_list:
-                name = names.get(id(module))
-                if name is None or not isinstance(module, torch.nn.Linear):
-                    raise ExportError(
-                        f"Layer {layer}'s {component} edit applies to a whole "
-                        f"{type(module).__name__} block (mixture of experts), which a PEFT LoRA "
-                        "adapter cannot express: use --export model (merged safetensors)."
-                    )
-                w = module.weight.detach().float()
-                readout = component_readout(readouts, layer, component)
-                edit = row_edit(w, r, weight, row_normalization, readout)
-                prefix = f"base_model.model.{name}"
-                tensors[f"{prefix}.lora_A.weight"] = (edit.b @ w).unsqueeze(0).cpu().contiguous()
-                tensors[f"{prefix}.lora_B.weight"] = (-weight * edit.a).unsqueeze(1).cpu()
-                if row_normalization == "full":
-                    tensors[f"{prefix}.lora_magnitude_vector"] = w.norm(dim=1).cpu()
-                targets.append(name)
+    uses_bias = False
+    for site in sites:
+        row = edit.row_edit(site)
+        if row is None:
+            continue
+        if not site.is_linear:
+            raise ExportError(
+                f"{site.describe()} is edited as a whole block (mixture of experts), which a "
+                "PEFT LoRA adapter cannot express: use --export model (merged safetensors)."
+            )
+        module = site.module
+        w = module.weight.detach().float()
+        row = row.to(w.device)
+        prefix = f"base_model.model.{site.name}"
+        tensors[f"{prefix}.lora_A.weight"] = (row.b @ w).unsqueeze(0).cpu().contiguous()
+        tensors[f"{prefix}.lora_B.weight"] = (-row.weight * row.a).unsqueeze(1).cpu()
+        if module.bias is not None:
+            if edit.mode(site) == "full":
+                raise ExportError(
+                    f"{site.describe()} has a bias, which a DoRA adapter cannot edit exactly: "
+                    "use --export model (merged safetensors) or row_normalization pre/none."
+                )
+            bias = module.bias.detach().float()
+            tensors[f"{prefix}.lora_B.bias"] = (-row.weight * row.a * (row.b @ bias)).cpu()
+            uses_bias = True
+        if edit.mode(site) == "full":
+            tensors[f"{prefix}.lora_magnitude_vector"] = w.norm(dim=1).cpu()
+        targets.append(site.name)
     if not targets:
         raise ExportError(
             "The chosen trial edits nothing (every strength is 0), so there is no adapter to "
             "save: choose another trial."
         )
-    return tensors, targets
+    return tensors, targets, uses_bias
 
 
 def write_adapter_files(
-    model: torch.nn.Module,
-    modules: list[dict[str, list[torch.nn.Module]]],
-    directions: torch.Tensor,
-    strengths: Mapping[str, torch.Tensor],
+    sites: Sequence[EditSite],
+    edit: TrialEdit,
     base_model: str,
     folder: Path,
-    row_normalization: str = "none",
-    readouts: torch.Tensor | None = None,
 ) -> list[str]:
     """adapter_config.json + adapter_model.safetensors in PEFT's format (PEFT itself is not
     needed to write them, only to load them); returns the target module names."""
     from safetensors.torch import save_file
 
-    tensors, targets = adapter_weights(
-        model, modules, directions, strengths, row_normalization, readouts
-    )
+    tensors, targets, uses_bias = adapter_weights(sites, edit)
     config = {
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
@@ -189,10 +186,11 @@ def write_adapter_files(
         "lora_dropout": 0.0,
         "target_modules": targets,
         "bias": "none",
+        "lora_bias": uses_bias,
         "fan_in_fan_out": False,
         "inference_mode": True,
         "use_rslora": False,
-        "use_dora": row_normalization == "full",
+        "use_dora": edit.row_normalization == "full",
         "init_lora_weights": True,
     }
     folder.mkdir(parents=True, exist_ok=True)

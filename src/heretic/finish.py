@@ -23,15 +23,10 @@ import torch
 from optuna.trial import FrozenTrial
 from rich.console import Console
 
-from heretic.abliteration import (
-    describe_params,
-    edit_from_params,
-    merge_edit,
-    params_record,
-    restore_weights,
-)
+from heretic.abliteration import describe_params, edit_from_params, params_record
 from heretic.card import render_card, source_info
 from heretic.config import Settings
+from heretic.edit import TrialEdit, merge_edit, restore_weights
 from heretic.errors import ExportError
 from heretic.export import (
     build_metadata,
@@ -242,14 +237,10 @@ class Finisher:
             )
             with staged_folder(folder) as tmp:
                 write_adapter_files(
-                    self.model.model,
-                    self.model.modules,
-                    directions,
-                    strengths,
+                    self.model.sites,
+                    self._trial_edit(strengths, directions),
                     source.hub_id or self.settings.model,
                     tmp,
-                    self.settings.row_normalization,
-                    self.hooks.readouts,
                 )
                 card = render_card(
                     settings=self.settings,
@@ -270,19 +261,17 @@ class Finisher:
             self.plot_residuals(trial)
         return written
 
-    def _write_merged(self, strengths, directions: torch.Tensor, folder: Path) -> None:
-        originals = merge_edit(
-            self.model.modules,
-            directions,
-            strengths,
-            self.model.hidden_size,
-            self.settings.row_normalization,
-            self.hooks.readouts,
+    def _trial_edit(self, strengths, directions: torch.Tensor) -> TrialEdit:
+        return TrialEdit(
+            strengths, directions, self.hooks.readouts, self.settings.row_normalization
         )
+
+    def _write_merged(self, strengths, directions: torch.Tensor, folder: Path) -> None:
+        originals = merge_edit(self.model.sites, self._trial_edit(strengths, directions))
         try:
-            write_model_files(self.model.model, self.model.tokenizer, folder)
+            write_model_files(self.model.model, self.model.tokenizer, folder, self.model.processor)
         finally:
-            restore_weights(self.model.modules, originals)
+            restore_weights(self.model.sites, originals)
 
     def _write_gguf(self, source: Path, strengths, directions: torch.Tensor, folder: Path) -> None:
         import gguf
@@ -290,9 +279,7 @@ class Finisher:
         from heretic.gguf_export import output_name, plan_edits, write_edited_gguf
 
         names = {t.name for t in gguf.GGUFReader(source).tensors}
-        edits = plan_edits(
-            names, directions, strengths, self.settings.row_normalization, self.hooks.readouts
-        )
+        edits = plan_edits(names, self.model.sites, self._trial_edit(strengths, directions))
         report = write_edited_gguf(
             source,
             folder / output_name(source),

@@ -16,8 +16,9 @@ same one the refusal directions live in (a test compares logits against the merg
 from __future__ import annotations
 
 import os
+import re
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -25,23 +26,45 @@ from typing import Literal
 import numpy as np
 import torch
 
-from heretic.abliteration import component_readout, edited_weight
+from heretic.abliteration import RowEdit, component_readout, edited_weight
+from heretic.edit import TrialEdit
 from heretic.errors import ExportError
-from heretic.model import ATTN, MLP
+from heretic.sites import EditSite
 
 EditedType = Literal["auto", "f16", "q8_0"]
 
-# GGUF tensor names (llama.cpp's convention, shared by all its transformer architectures) of the
-# matrices that write into the residual stream, per heretic component. MoE layers keep their
-# experts fused in one 3-D tensor (`*_exps`), plus an optional shared expert (`*_shexp`).
-_TENSOR_NAMES = {
-    ATTN: ("blk.{i}.attn_output.weight",),
-    MLP: (
-        "blk.{i}.ffn_down.weight",
-        "blk.{i}.ffn_down_exps.weight",
-        "blk.{i}.ffn_down_shexp.weight",
+# llama.cpp's GGUF tensor names for the residual writers transformers names, by the end of the
+# transformers parameter name (the layer index is the first group). MoE layers keep their experts
+# fused in one 3-D tensor (`*_exps`), plus an optional shared expert (`*_shexp`).
+_TENSOR_NAMES = (
+    (
+        r"layers\.(\d+)\.(?:self_attn|attention|attn)\.(?:o_proj|out_proj|dense)\.(weight|bias)$",
+        "blk.{i}.attn_output.{kind}",
     ),
-}
+    (
+        r"layers\.(\d+)\.(?:mlp|feed_forward)\.(?:down_proj|w2|fc2)\.(weight|bias)$",
+        "blk.{i}.ffn_down.{kind}",
+    ),
+    (
+        r"layers\.(\d+)\.(?:mlp|feed_forward|block_sparse_moe)\.experts\.down_proj()$",
+        "blk.{i}.ffn_down_exps.weight",
+    ),
+    (
+        r"layers\.(\d+)\.(?:mlp|feed_forward)\.shared_experts?\.down_proj\.(weight|bias)$",
+        "blk.{i}.ffn_down_shexp.{kind}",
+    ),
+    (r"layers\.(\d+)\.(?:mamba|mixer)\.out_proj\.(weight|bias)$", "blk.{i}.ssm_out.{kind}"),
+)
+
+
+def gguf_tensor_name(name: str) -> str | None:
+    """The GGUF name of a transformers writer tensor, or None when llama.cpp's naming for it is
+    not known here."""
+    for pattern, template in _TENSOR_NAMES:
+        match = re.search(pattern, name)
+        if match:
+            return template.format(i=match.group(1), kind=match.group(2) or "weight")
+    return None
 
 
 @dataclass(frozen=True)
@@ -63,38 +86,31 @@ class GGUFExportReport:
 
 
 def plan_edits(
-    tensor_names: set[str],
-    directions: torch.Tensor,
-    strengths: Mapping[str, torch.Tensor],
-    row_normalization: str = "none",
-    readouts: torch.Tensor | None = None,
+    tensor_names: set[str], sites: Sequence[EditSite], edit: TrialEdit
 ) -> dict[str, TensorEdit]:
-    """Map the per-layer strengths to the GGUF tensors they edit.
+    """Map the trial's edit of every site to the GGUF tensors it changes.
 
-    Row normalization applies to the dense matrices only (`attn_output`, `ffn_down`); expert
-    tensors get the plain projection, as the search's hook on the whole expert block did.
-
-    A layer whose component has a nonzero strength but none of the expected tensors is an
-    error: silently skipping it would ship a model that is not the one that was evaluated.
+    Row normalization applies to the dense matrices only; expert tensors get the plain
+    projection, as the search's hook on the whole expert block did. A site tensor the edit
+    changes but the GGUF file does not hold under llama.cpp's name is an error: silently skipping
+    it would ship a model that is not the one that was evaluated.
     """
     edits: dict[str, TensorEdit] = {}
-    for component, patterns in _TENSOR_NAMES.items():
-        for layer, weight in enumerate(strengths[component].tolist()):
-            if weight == 0.0:
-                continue
-            names = [p.format(i=layer) for p in patterns if p.format(i=layer) in tensor_names]
-            if not names:
-                expected = " or ".join(p.format(i=layer) for p in patterns)
+    for site in sites:
+        weight = edit.weight(site)
+        if weight == 0.0:
+            continue
+        readout = component_readout(edit.readouts, site.layer, site.component)
+        for tensor in site.tensors():
+            name = gguf_tensor_name(tensor.name)
+            if name is None or name not in tensor_names:
+                expected = f" (expected {name})" if name else ""
                 raise ExportError(
-                    f"The GGUF file has no {expected} tensor for layer {layer}'s {component} "
-                    "edit: this architecture's GGUF layout is not supported; use "
-                    "--export model (safetensors) instead."
+                    f"The GGUF file has no tensor for {tensor.name}{expected}, which the edit of "
+                    f"{site.describe()} changes: this architecture's GGUF layout is not "
+                    "supported; use --export model (safetensors) instead."
                 )
-            for name in names:
-                dense = name.endswith(("attn_output.weight", "ffn_down.weight"))
-                mode = row_normalization if dense else "none"
-                readout = component_readout(readouts, layer, component)
-                edits[name] = TensorEdit(directions[layer].float(), float(weight), mode, readout)
+            edits[name] = TensorEdit(edit.direction(site), weight, edit.mode(site), readout)
     return edits
 
 
@@ -117,6 +133,8 @@ def _edit_tensor(tensor, edit: TensorEdit, hidden_size: int, requested: EditedTy
     from gguf.quants import dequantize, quantize
 
     values = dequantize(tensor.data, tensor.tensor_type).astype(np.float32)
+    if values.ndim == 1:
+        return _edit_bias(tensor.name, values, edit, hidden_size)
     if values.shape[-2] != hidden_size:
         raise ExportError(
             f"GGUF tensor {tensor.name} has shape {tuple(values.shape)}, whose output axis is not "
@@ -138,6 +156,21 @@ def _edit_tensor(tensor, edit: TensorEdit, hidden_size: int, requested: EditedTy
     else:
         data = quantize(array, qtype)
     return data, qtype
+
+
+def _edit_bias(name: str, values: np.ndarray, edit: TensorEdit, hidden_size: int):
+    """A writer's bias changes like a module output: `b - w a (v . b)`."""
+    from gguf import GGMLQuantizationType as Q
+
+    if values.shape[0] != hidden_size or edit.row_normalization != "none":
+        raise ExportError(
+            f"GGUF tensor {name} is a bias that this edit (row normalization "
+            f"{edit.row_normalization!r}) cannot change exactly: use --export model instead."
+        )
+    read = edit.direction if edit.readout is None else edit.readout
+    row = RowEdit(a=edit.direction.float(), b=read.float(), weight=edit.weight)
+    edited = row.apply(torch.from_numpy(values)).numpy().astype(np.float32)
+    return edited, Q.F32
 
 
 def write_edited_gguf(

@@ -2,7 +2,7 @@
 
 This is the only module that touches transformers internals. It knows architectures (where the
 decoder layers and the matrices that write into the residual stream live), not the math of the
-edit: `abliteration.py` gets plain modules from `Model.editable_modules`.
+edit: `sites.py` finds the residual writers (`Model.sites`), `edit.py` edits them.
 """
 
 from __future__ import annotations
@@ -19,13 +19,9 @@ import transformers
 from torch import nn
 from transformers.cache_utils import DynamicLayer
 
+from heretic.coverage import check_coverage
 from heretic.errors import ModelLoadError
-
-# Component names used everywhere (parameters, metadata): the two kinds of matrices that write
-# into the residual stream.
-ATTN = "attn.o_proj"
-MLP = "mlp.down_proj"
-COMPONENTS = (ATTN, MLP)
+from heretic.sites import COMPONENTS, EditSite, find_decoder_layers, find_sites
 
 # transformers 5 renamed generate's `past_key_values` argument to `cache`.
 _CACHE_KWARG = "cache" if int(transformers.__version__.split(".")[0]) >= 5 else "past_key_values"
@@ -76,70 +72,6 @@ def _resolve_dtype(name: str) -> torch.dtype | str:
     return "auto" if name == "auto" else _DTYPES[name]
 
 
-def find_decoder_layers(model: nn.Module) -> nn.ModuleList:
-    """The decoder layers, found structurally so that new architectures need no table entry."""
-    config = getattr(model, "config", None)
-    text_config = config.get_text_config() if config is not None else None
-    n_layers = getattr(text_config, "num_hidden_layers", None)
-    candidates = [
-        (name, module)
-        for name, module in model.named_modules()
-        if isinstance(module, nn.ModuleList) and len(module) > 0
-    ]
-    for name, module in candidates:
-        if name.endswith("layers") and (n_layers is None or len(module) == n_layers):
-            return module
-    names = ", ".join(name for name, _ in candidates) or "none"
-    raise ModelLoadError(
-        f"Cannot find the decoder layers of {type(model).__name__} "
-        f"(expected a ModuleList named '*layers' with {n_layers} entries; found: {names}). "
-        "This architecture is not supported yet."
-    )
-
-
-def _attention_out(layer: nn.Module) -> list[nn.Module]:
-    for attn_name in ("self_attn", "attention", "attn"):
-        attn = getattr(layer, attn_name, None)
-        if attn is None:
-            continue
-        for out_name in ("o_proj", "out_proj", "dense", "c_proj"):
-            out = getattr(attn, out_name, None)
-            if isinstance(out, nn.Linear):
-                return [out]
-    return []
-
-
-def _mlp_out(layer: nn.Module) -> list[nn.Module]:
-    """The MLP's writers into the residual stream; for MoE, the whole expert block once.
-
-    Projecting r out of a sparse MoE block's output equals editing every expert's (and the
-    shared expert's) down-projection with the same strength, since the block output is a
-    weighted sum of those; hooking the block covers fused 3-D expert tensors too.
-    """
-    for mlp_name in ("mlp", "feed_forward", "block_sparse_moe"):
-        mlp = getattr(layer, mlp_name, None)
-        if mlp is None:
-            continue
-        down = getattr(mlp, "down_proj", None)
-        if isinstance(down, nn.Linear):
-            return [down]
-        if getattr(mlp, "experts", None) is not None:
-            return [mlp]
-    return []
-
-
-def editable_modules(layer: nn.Module, index: int) -> dict[str, list[nn.Module]]:
-    modules = {ATTN: _attention_out(layer), MLP: _mlp_out(layer)}
-    missing = [name for name, found in modules.items() if not found]
-    if missing:
-        children = ", ".join(name for name, _ in layer.named_children())
-        raise ModelLoadError(
-            f"Layer {index} ({type(layer).__name__}) has no {' or '.join(missing)} that heretic "
-            f"knows how to edit (its children: {children}). This architecture is not supported."
-        )
-    return modules
-
-
 def _module_output(output: object) -> torch.Tensor:
     return output[0] if isinstance(output, tuple) else output  # type: ignore[return-value]
 
@@ -185,18 +117,23 @@ class Model:
         *,
         source: ModelSource,
         system_prompt: str | None,
+        processor=None,
     ) -> None:
         self.model = model
         self.tokenizer = tokenizer
+        self.processor = processor
         self.source = source
         self.system_prompt = system_prompt
-        self.layers = find_decoder_layers(model)
-        self.modules = [editable_modules(layer, i) for i, layer in enumerate(self.layers)]
+        if getattr(tokenizer, "chat_template", None) is None:
+            tokenizer.chat_template = getattr(processor, "chat_template", None)
         if getattr(tokenizer, "chat_template", None) is None:
             raise ModelLoadError(
                 f"{source.description} has no chat template, so it is probably a base model: "
                 "abliteration removes refusals from chat models; use the instruct/chat version."
             )
+        self.layers = find_decoder_layers(model)
+        self.sites: list[EditSite] = find_sites(model, self.layers, self.hidden_size)
+        check_coverage(model, self.layers, self.sites, self.hidden_size)
         tokenizer.padding_side = "left"
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
@@ -278,20 +215,24 @@ class Model:
     def residuals_and_module_outputs(
         self, prompts: Sequence[str], batch_size: int, progress: Callable[[int], None] | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """`residuals`, plus what each editable module writes into the residual stream at the
-        last prompt token, from the same forward pass (the fitted readouts need both).
+        """`residuals`, plus what each component writes into the residual stream at the last
+        prompt token, from the same forward pass (the fitted readouts need both).
 
         The module outputs are (n_prompts, n_layers, len(COMPONENTS), hidden) in bfloat16: half
-        the memory of float32, and the fits that use them work in float64.
+        the memory of float32, and the fits that use them work in float64. A component with
+        several sites in a layer gets their sum (a readout applied to each site reads the sum,
+        since the edit is linear); one with none gets zeros.
         """
-        modules = [self.modules[i][c][0] for i in range(self.n_layers) for c in COMPONENTS]
         residuals, outputs = self._last_token_outputs(
-            [(list(self.layers), torch.float32), (modules, torch.bfloat16)],
+            [(list(self.layers), torch.float32), ([s.module for s in self.sites], torch.float32)],
             prompts,
             batch_size,
             progress,
         )
-        return residuals, outputs.view(len(prompts), self.n_layers, len(COMPONENTS), -1)
+        summed = torch.zeros(len(prompts), self.n_layers, len(COMPONENTS), self.hidden_size)
+        for index, site in enumerate(self.sites):
+            summed[:, site.layer, COMPONENTS.index(site.component)] += outputs[:, index]
+        return residuals, summed.to(torch.bfloat16)
 
     def _last_token_outputs(
         self,
@@ -301,12 +242,17 @@ class Model:
         progress: Callable[[int], None] | None = None,
     ) -> list[torch.Tensor]:
         """One pass over `prompts`; per group of modules, their outputs at the last prompt
-        token as (n_prompts, len(modules), width) in the group's dtype."""
+        token as (n_prompts, len(modules), width) in the group's dtype. A module that sees its
+        input flattened to (tokens, width) (expert blocks) is read at each row's last token."""
         captured: list[list[torch.Tensor | None]] = [[None] * len(m) for m, _ in groups]
+        rows = [0]
 
         def make_hook(group: int, i: int, dtype: torch.dtype):
             def hook(_module, _inputs, output):
-                captured[group][i] = _module_output(output)[:, -1, :].to(dtype).cpu()
+                h = _module_output(output)
+                if h.dim() == 2:
+                    h = h.reshape(rows[0], -1, h.shape[-1])
+                captured[group][i] = h[:, -1, :].to(dtype).cpu()
 
             return hook
 
@@ -319,6 +265,7 @@ class Model:
         try:
             for start in range(0, len(prompts), batch_size):
                 chunk = prompts[start : start + batch_size]
+                rows[0] = len(chunk)
                 self._base_model()(**self.encode(chunk), use_cache=False)
                 for g in range(len(groups)):
                     out[g].append(torch.stack(captured[g], dim=1))  # type: ignore[arg-type]
@@ -689,16 +636,24 @@ def load_model(
     trust_remote_code: bool = False,
     system_prompt: str | None = None,
 ) -> Model:
-    """Load a hub id, local folder or GGUF file as a heretic `Model`."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    """Load a hub id, local folder or GGUF file as a heretic `Model`.
+
+    A vision-language checkpoint loads whole (`AutoModelForImageTextToText`) with its
+    processor, so that the edited output still takes images; only its text decoder is edited.
+    """
+    from transformers import AutoTokenizer
 
     source = resolve_source(model, gguf_file)
     kwargs = {"trust_remote_code": trust_remote_code}
     if source.gguf_file:
         kwargs["gguf_file"] = source.gguf_file
+    processor = None
     try:
         tokenizer = AutoTokenizer.from_pretrained(source.path, **kwargs)
-        loaded = AutoModelForCausalLM.from_pretrained(
+        auto_class, multimodal = _auto_class(source, kwargs)
+        if multimodal:
+            processor = _processor(source, kwargs)
+        loaded = auto_class.from_pretrained(
             source.path,
             dtype=torch.float32 if source.gguf_file else _resolve_dtype(dtype),
             device_map=None if source.gguf_file else _device_map(device_map),
@@ -711,7 +666,36 @@ def load_model(
         raise ModelLoadError(f"Cannot load model {source.description}: {message}") from e
     if source.gguf_file:
         loaded = _dequantized_copy(loaded, dtype, device_map)
-    return Model(loaded, tokenizer, source=source, system_prompt=system_prompt)
+    return Model(loaded, tokenizer, source=source, system_prompt=system_prompt, processor=processor)
+
+
+def _auto_class(source: ModelSource, kwargs: dict):
+    """AutoModelForImageTextToText for a checkpoint with a vision (or audio) part, else
+    AutoModelForCausalLM; and whether it is multimodal."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
+
+    if source.gguf_file:
+        return AutoModelForCausalLM, False
+    config = AutoConfig.from_pretrained(source.path, **kwargs)
+    if getattr(config, "vision_config", None) is not None:
+        return AutoModelForImageTextToText, True
+    return AutoModelForCausalLM, False
+
+
+def _processor(source: ModelSource, kwargs: dict):
+    """The checkpoint's processor (image preprocessing + tokenizer + chat template), saved
+    with the output so it still takes images; None, with a notice, when it has none."""
+    from transformers import AutoProcessor
+
+    try:
+        return AutoProcessor.from_pretrained(source.path, **kwargs)
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        print(
+            f"Note: {source.description} has a vision part but no processor could be loaded "
+            f"({str(e).splitlines()[0] if str(e) else type(e).__name__}); the output will "
+            "hold the tokenizer only."
+        )
+        return None
 
 
 def _device_map(device_map: str) -> str | None:

@@ -19,7 +19,7 @@ from pydantic import BaseModel
 from heretic.abliteration import ComponentParams, EditParams, LayerProfile, TentParams
 from heretic.errors import StudyError
 from heretic.evaluation import Score
-from heretic.model import ATTN, COMPONENTS, MLP
+from heretic.sites import ATTN, COMPONENTS, MLP
 from heretic.workers import (
     DEFAULT_HEARTBEAT_INTERVAL,
     Heartbeat,

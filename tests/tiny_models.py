@@ -1,0 +1,102 @@
+"""Tiny random models of every decoder family heretic supports, built from a config (no
+downloads): hidden size 64, a few layers, 4 experts, non-zero biases and norm weights (HF
+initializes them to 0 or 1, which would hide an unmerged bias or an ignored post-norm gain)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import transformers
+from transformers import CONFIG_MAPPING
+
+TEXT: dict[str, Any] = dict(
+    vocab_size=128,
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+    max_position_embeddings=256,
+    # mixtures of experts
+    num_experts=4,
+    num_local_experts=4,
+    n_routed_experts=4,
+    num_experts_per_tok=2,
+    moe_intermediate_size=32,
+    shared_expert_intermediate_size=32,
+    n_shared_experts=1,
+    first_k_dense_replace=1,
+    # linear attention, Mamba, convolutions
+    linear_num_key_heads=2,
+    linear_num_value_heads=4,
+    linear_key_head_dim=16,
+    linear_value_head_dim=16,
+    mamba_n_heads=4,
+    mamba_d_head=16,
+    mamba_d_state=8,
+    mamba_n_groups=1,
+    mamba_expand=2,
+    ssm_state_size=8,
+    n_groups=1,
+    # multi-head latent attention
+    kv_lora_rank=16,
+    q_lora_rank=16,
+    qk_rope_head_dim=8,
+    qk_nope_head_dim=8,
+    v_head_dim=16,
+    # per-layer inputs (Gemma 3n / 4)
+    hidden_size_per_layer_input=8,
+    vocab_size_per_layer_input=128,
+    sliding_window=16,
+    pad_token_id=0,
+    bos_token_id=1,
+    eos_token_id=2,
+)
+
+VISION: dict[str, Any] = dict(
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=4,
+    depth=4,
+    num_attention_heads=2,
+    num_heads=2,
+    image_size=32,
+    patch_size=8,
+    out_hidden_size=64,
+    projection_dim=64,
+)
+
+
+def tiny_config(family: str, extra: dict[str, Any] | None = None):
+    config_class = CONFIG_MAPPING[family]
+    text = {**TEXT, **(extra or {})}
+    sub_configs = getattr(config_class, "sub_configs", {}) or {}
+    if "text_config" in sub_configs:
+        kwargs: dict[str, Any] = {"text_config": text}
+        if "vision_config" in sub_configs:
+            kwargs["vision_config"] = dict(VISION)
+        return config_class(**kwargs)
+    return config_class(**text)
+
+
+@torch.no_grad()
+def randomize(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Non-zero biases and norm weights, so an unmerged bias or an ignored gain shows."""
+    generator = torch.Generator().manual_seed(seed)
+    for name, param in model.named_parameters():
+        if param.dim() == 1 or name.endswith(("bias", "_bias")) or "norm" in name.lower():
+            noise = torch.randn(param.shape, generator=generator) * 0.2
+            param.add_(noise.to(param.dtype))
+    return model
+
+
+def tiny_model(family: str, extra: dict[str, Any] | None = None, dtype=torch.float32):
+    config = tiny_config(family, extra)
+    torch.manual_seed(0)
+    auto = transformers.AutoModelForCausalLM
+    if family in transformers.models.auto.modeling_auto.MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES:
+        auto = transformers.AutoModelForImageTextToText
+    model = auto.from_config(config, dtype=dtype).eval()
+    return randomize(model)
