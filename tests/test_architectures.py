@@ -1,90 +1,197 @@
-"""The edit on tiny random models of every supported architecture (no downloads).
+"""The architecture matrix: a tiny random model of every supported family, saved as a checkpoint
+with a real chat tokenizer and loaded through heretic's own path (no downloads).
 
-For each: the decoder layers and the writers into the residual stream are found; with strength 1
-the hooked modules' outputs have no component along r; and merging the edit into the weights
-gives the same logits as the hooks, so what the search scored is what gets saved.
+For each family: the layers found are the text decoder's; the load-time coverage self-check
+passes (every residual writer is an edit site); hooks, merged weights and the reloaded export
+give the same logits for the plain edit, fitted readouts and row normalization; restoring the
+weights is bit-exact; row-dropping generation matches plain greedy decoding; a KL pass that
+replays the layers below the edit matches a full one. `FAMILIES` is also the README's table
+(`python tests/test_architectures.py` prints it).
 """
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
 
 import pytest
 import torch
-import transformers
+from tiny_models import FAMILIES, is_multimodal, tiny_model
 
 from heretic.directions import normalize
 from heretic.edit import EditHooks, TrialEdit, merge_edit, restore_weights
-from heretic.sites import ATTN, COMPONENTS, MLP, discover_sites
+from heretic.export import write_model_files
+from heretic.model import LayerOutputs, load_model
+from heretic.sites import ATTN, COMPONENTS, MLP, find_decoder_layers
 
-COMMON = dict(
-    vocab_size=128,
-    hidden_size=64,
-    intermediate_size=96,
-    num_hidden_layers=3,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    max_position_embeddings=128,
-)
-
-CONFIGS = {
-    "llama": (transformers.LlamaConfig, {}),
-    "qwen2": (transformers.Qwen2Config, {}),
-    "qwen3": (transformers.Qwen3Config, {"head_dim": 16}),
-    "gemma3": (transformers.Gemma3TextConfig, {"head_dim": 16, "sliding_window": 16}),
-    "mistral": (transformers.MistralConfig, {}),
-    "phi3": (transformers.Phi3Config, {"pad_token_id": 0}),
-    "qwen3_moe": (
-        transformers.Qwen3MoeConfig,
-        {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32, "head_dim": 16},
-    ),
-    "mixtral": (transformers.MixtralConfig, {"num_local_experts": 4, "num_experts_per_tok": 2}),
-}
+PROMPTS = ["Name a colour.", "Count to three, please.", "What is a cat?", "Say hi."]
 
 
-def tiny_model(name: str) -> torch.nn.Module:
-    config_class, extra = CONFIGS[name]
-    torch.manual_seed(0)
-    config = config_class(**COMMON, **extra)
-    return transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+@pytest.fixture(scope="module", params=sorted(FAMILIES))
+def family(request, tmp_path_factory, chat_tokenizer_dir):
+    """(family name, heretic Model loaded from a saved tiny checkpoint in float32)."""
+    from transformers import AutoTokenizer
+
+    torch.set_num_threads(1)
+    name = request.param
+    tokenizer = AutoTokenizer.from_pretrained(chat_tokenizer_dir)
+    net = tiny_model(name, vocab_size=len(tokenizer))
+    folder = tmp_path_factory.mktemp(name)
+    net.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return name, load_model(str(folder), dtype="float32")
 
 
-def _directions(n_layers: int, hidden: int) -> torch.Tensor:
-    g = torch.Generator().manual_seed(1)
-    return normalize(torch.randn(n_layers, hidden, generator=g))
+def _ids(model, seed: int = 3) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(3, 100, (2, 7), generator=generator)
 
 
-@pytest.fixture(params=sorted(CONFIGS))
-def arch(request):
-    model = tiny_model(request.param)
-    return request.param, model, discover_sites(model)
-
-
-def test_finds_layers_and_writers(arch):
-    name, model, sites = arch
-    assert {(s.layer, s.component) for s in sites} == {
-        (i, c) for i in range(COMMON["num_hidden_layers"]) for c in COMPONENTS
-    }
-
-
-@pytest.mark.parametrize("row_normalization", ["none", "full"])
-def test_merged_weights_match_hooks_and_restore_exactly(arch, row_normalization):
-    """Also with row normalization, which mixture-of-experts blocks (hooked as a whole) skip
-    in both forms alike."""
-    name, model, modules = arch
-    n = COMMON["num_hidden_layers"]
-    directions = _directions(n, COMMON["hidden_size"])
-    strengths = {ATTN: torch.tensor([0.0, 0.7, 1.2])[:n], MLP: torch.tensor([1.0, 0.0, 0.5])[:n]}
-    ids = torch.randint(0, COMMON["vocab_size"], (2, 7), generator=torch.Generator().manual_seed(3))
-    before = {k: v.clone() for k, v in model.state_dict().items()}
+def _logits(model, ids: torch.Tensor) -> torch.Tensor:
     with torch.no_grad():
-        base = model(input_ids=ids).logits
-        hooks = EditHooks(modules, directions, row_normalization)
-        hooks.set_strengths(strengths)
-        hooked = model(input_ids=ids).logits
+        return model.model(input_ids=ids).logits.float()
+
+
+def _edit(model, mode: str) -> TrialEdit:
+    n, hidden = model.n_layers, model.hidden_size
+    generator = torch.Generator().manual_seed(1)
+    directions = normalize(torch.randn(n, hidden, generator=generator))
+    strengths = {
+        ATTN: torch.linspace(0.4, 1.2, n),
+        MLP: torch.linspace(1.1, 0.5, n),
+    }
+    readouts = None
+    if mode == "readouts":
+        readouts = 0.3 * torch.randn(n, len(COMPONENTS), hidden, generator=generator)
+    return TrialEdit(strengths, directions, readouts, "full" if mode == "full" else "none")
+
+
+def test_layers_are_the_text_decoders_and_every_writer_is_a_site(family):
+    name, model = family
+    text_config = model.model.config.get_text_config()
+    assert model.n_layers == text_config.num_hidden_layers
+    names = {id(m): n for n, m in model.model.named_modules()}
+    layer_path = names[id(model.layers)]
+    assert not any(t in layer_path for t in ("vision", "visual", "audio")), layer_path
+    assert model.layers is find_decoder_layers(model.model)
+    # The coverage self-check ran at load; every layer has at least one site.
+    assert {site.layer for site in model.sites} == set(range(model.n_layers))
+    if FAMILIES[name].get("biases"):
+        biases = [t for s in model.sites for t in s.biases]
+        assert biases and all(bool(t.param.abs().sum() > 0) for t in biases)
+
+
+@pytest.mark.parametrize("mode", ["plain", "readouts", "full"])
+def test_hooks_equal_merged_weights_and_restore_is_exact(family, mode):
+    name, model = family
+    edit = _edit(model, mode)
+    ids = _ids(model)
+    before = {k: v.clone() for k, v in model.model.state_dict().items()}
+    base = _logits(model, ids)
+    hooks = EditHooks(model.sites, edit.directions, edit.row_normalization, edit.readouts)
+    hooks.set_strengths(edit.strengths)
+    hooked = _logits(model, ids)
+    hooks.remove()
+    originals = merge_edit(model.sites, edit)
+    merged = _logits(model, ids)
+    restore_weights(model.sites, originals)
+    assert not torch.allclose(base, hooked, atol=1e-4), "the edit does something"
+    scale = float(hooked.abs().max())
+    torch.testing.assert_close(merged, hooked, atol=2e-4 * max(scale, 1.0), rtol=2e-4)
+    for key, value in model.model.state_dict().items():
+        assert torch.equal(value, before[key]), key
+
+
+def test_reloaded_export_gives_the_hooked_logits(family, tmp_path):
+    name, model = family
+    edit = _edit(model, "plain")
+    ids = _ids(model)
+    hooks = EditHooks(model.sites, edit.directions)
+    hooks.set_strengths(edit.strengths)
+    hooked = _logits(model, ids)
+    hooks.remove()
+    originals = merge_edit(model.sites, edit)
+    try:
+        write_model_files(model.model, model.tokenizer, tmp_path / "out", model.processor)
+    finally:
+        restore_weights(model.sites, originals)
+    reloaded = load_model(str(tmp_path / "out"), dtype="float32")
+    assert type(reloaded.model) is type(model.model)
+    scale = float(hooked.abs().max())
+    torch.testing.assert_close(
+        _logits(reloaded, ids), hooked, atol=2e-4 * max(scale, 1.0), rtol=2e-4
+    )
+
+
+def _plain_greedy(model, prompts, max_new_tokens):
+    batch = model.encode(prompts)
+    with torch.inference_mode():
+        out = model.model.generate(
+            **batch,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=model.tokenizer.pad_token_id,
+        )
+    return model.tokenizer.batch_decode(
+        out[:, batch["input_ids"].shape[1] :], skip_special_tokens=True
+    )
+
+
+def test_row_dropping_generation_and_layer_replay(family):
+    """Generation that drops decided rows matches plain greedy decoding on this family's cache
+    (hybrid caches included), and a KL pass that replays the layers below the edit matches a
+    full pass bit for bit."""
+    name, model = family
+    reference = _plain_greedy(model, PROMPTS, 6)
+    decided = lambda text, _prompt="": len(text) > 2  # noqa: E731
+    dropped = model.generate(PROMPTS, 6, batch_size=4, is_decided=decided)
+    for ref, text in zip(reference, dropped, strict=True):
+        assert ref.startswith(text), (name, ref, text)
+
+    record = LayerOutputs.evenly_spaced(model.n_layers, 2)
+    base = model.first_token_logprobs(PROMPTS, 2, record=record)
+    edit = _edit(model, "plain")
+    first = record.layers[-1] + 1
+    strengths = {
+        c: torch.where(torch.arange(model.n_layers) >= first, s, 0.0)
+        for c, s in edit.strengths.items()
+    }
+    hooks = EditHooks(model.sites, edit.directions)
+    hooks.set_strengths(strengths)
+    try:
+        full = model.first_token_logprobs(PROMPTS, 2)
+        replayed = model.first_token_logprobs(PROMPTS, 2, resume=record, start_layer=first)
+    finally:
         hooks.remove()
-        originals = merge_edit(modules, TrialEdit(strengths, directions, None, row_normalization))
-        merged = model(input_ids=ids).logits
-        restore_weights(modules, originals)
-        restored = model(input_ids=ids).logits
-    assert not torch.allclose(base, hooked, atol=1e-4)  # the edit does something
-    torch.testing.assert_close(merged, hooked, atol=2e-4, rtol=2e-4)
-    torch.testing.assert_close(restored, base, atol=0, rtol=0)
-    for k, v in model.state_dict().items():
-        assert torch.equal(v, before[k]), k
+    assert not torch.equal(full, base)
+    assert torch.equal(full, replayed), name
+
+
+def supported_table() -> str:
+    """The README's table of supported families: what each layer kind is, and the exports."""
+    lines = [
+        "| family | token mixer | channel mixer | exports |",
+        "| --- | --- | --- | --- |",
+    ]
+    for name in sorted(FAMILIES):
+        model = tiny_model(name)
+        from heretic.sites import discover_sites
+
+        sites = discover_sites(model)
+        kinds = {
+            c: sorted({type(s.module).__name__ for s in sites if s.component == c})
+            for c in COMPONENTS
+        }
+        linear_only = all(s.is_linear for s in sites)
+        exports = "merged, LoRA adapter" if linear_only else "merged"
+        if is_multimodal(name):
+            exports += " (with processor)"
+        lines.append(
+            f"| {name} | {', '.join(kinds[ATTN]) or '-'} | {', '.join(kinds[MLP]) or '-'} | {exports} |"
+        )
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(Path(__file__).parent))
+    print(supported_table())

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_architectures import COMMON, CONFIGS
+from tiny_models import TEXT as COMMON
+from tiny_models import tiny_model
 
 from heretic.abliteration import first_edited_layer
 from heretic.directions import normalize
@@ -197,18 +198,15 @@ def test_pruned_trials_are_not_plotted_as_scores():
     assert [(p.number, p.kl_divergence, p.refusals) for p in points] == [(0, 0.1, 3)]
 
 
-@pytest.mark.parametrize("name", sorted(CONFIGS))
+@pytest.mark.parametrize(
+    "name", ["gemma3_text", "llama", "mistral", "mixtral", "phi3", "qwen2", "qwen3", "qwen3_moe"]
+)
 def test_skipping_unedited_layers_gives_the_same_log_probs(name, chat_tokenizer_dir):
     """Bit-identical KL passes whether or not the layers below the edit are replayed."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(chat_tokenizer_dir)
-    config_class, extra = CONFIGS[name]
-    torch.manual_seed(0)
-    config = config_class(
-        **{**COMMON, "vocab_size": len(tokenizer), "num_hidden_layers": 5}, **extra
-    )
-    net = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    net = tiny_model(name, vocab_size=len(tokenizer), num_hidden_layers=5)
     model = Model(net, tokenizer, source=ModelSource(name, None), system_prompt="Be brief.")
     judge = MarkerJudge(("sorry",))
     good = PROMPTS[:7]

@@ -101,11 +101,12 @@ def test_one_pass_gives_residuals_and_module_outputs(tiny_chat_model):
 def test_hooks_match_merged_weights_with_readouts(arch):
     """Also for mixture-of-experts blocks: the edit is linear in the block's output, so every
     expert's down-projection reads the block's readout."""
-    from test_architectures import COMMON, tiny_model
+    from tiny_models import TEXT as COMMON
+    from tiny_models import tiny_model
 
-    model = tiny_model(arch)
+    model = tiny_model(arch, num_hidden_layers=3)
     modules = discover_sites(model)
-    n, hidden = COMMON["num_hidden_layers"], COMMON["hidden_size"]
+    n, hidden = 3, COMMON["hidden_size"]
     g = torch.Generator().manual_seed(2)
     directions = normalize(torch.randn(n, hidden, generator=g))
     readouts = torch.randn(n, len(COMPONENTS), hidden, generator=g) * 0.3

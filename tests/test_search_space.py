@@ -5,7 +5,8 @@ from __future__ import annotations
 import optuna
 import pytest
 import torch
-from test_architectures import COMMON, tiny_model
+from tiny_models import TEXT as COMMON
+from tiny_models import tiny_model
 
 from heretic.abliteration import (
     EditParams,
@@ -92,9 +93,9 @@ def test_global_direction_is_used_at_every_layer():
 
 def test_tent_global_trial_merged_gives_the_hooks_logits():
     """What the search scored (hooks with the trial's direction) is what gets saved (merged)."""
-    model = tiny_model("llama")
+    model = tiny_model("llama", num_hidden_layers=3)
     modules = discover_sites(model)
-    directions = _directions(COMMON["num_hidden_layers"], COMMON["hidden_size"])
+    directions = _directions(3, COMMON["hidden_size"])
     params = EditParams(
         {ATTN: TentParams(1.3, 0.5, 0.3, 0.5), MLP: TentParams(0.9, 1.0, 0.6, 0.6)}, 0.7
     )

@@ -69,15 +69,22 @@ VISION: dict[str, Any] = dict(
 )
 
 
-def tiny_config(family: str, extra: dict[str, Any] | None = None):
+FAMILIES: dict[str, dict[str, Any]] = {}
+"""Every family of the architecture matrix, with its own config overrides."""
+
+BIASED: set[str] = set()
+"""Families whose residual writers have biases (checked to be edited with their weights)."""
+
+
+def is_multimodal(family: str) -> bool:
+    return "vision_config" in (getattr(CONFIG_MAPPING[family], "sub_configs", {}) or {})
+
+
+def tiny_config(family: str, **overrides: Any):
     config_class = CONFIG_MAPPING[family]
-    text = {**TEXT, **(extra or {})}
-    sub_configs = getattr(config_class, "sub_configs", {}) or {}
-    if "text_config" in sub_configs:
-        kwargs: dict[str, Any] = {"text_config": text}
-        if "vision_config" in sub_configs:
-            kwargs["vision_config"] = dict(VISION)
-        return config_class(**kwargs)
+    text = {**TEXT, **FAMILIES.get(family, {}), **overrides}
+    if is_multimodal(family):
+        return config_class(text_config=text, vision_config=dict(VISION))
     return config_class(**text)
 
 
@@ -92,11 +99,12 @@ def randomize(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
     return model
 
 
-def tiny_model(family: str, extra: dict[str, Any] | None = None, dtype=torch.float32):
-    config = tiny_config(family, extra)
+def tiny_model(family: str, dtype: torch.dtype = torch.float32, **overrides: Any):
+    """A tiny random model of `family` (config overrides as keyword arguments)."""
+    config = tiny_config(family, **overrides)
     torch.manual_seed(0)
     auto = transformers.AutoModelForCausalLM
-    if family in transformers.models.auto.modeling_auto.MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES:
+    if is_multimodal(family):
         auto = transformers.AutoModelForImageTextToText
     model = auto.from_config(config, dtype=dtype).eval()
     return randomize(model)

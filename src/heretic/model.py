@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import time
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -596,6 +597,26 @@ class Decoding:
         return finished
 
 
+_UNPOOLABLE_NOTED: set[str] = set()
+
+
+def _note_unpoolable(decodings: Sequence[Decoding]) -> None:
+    kinds = {
+        type(layer).__name__
+        for d in decodings
+        for layer in getattr(d._cache, "layers", None) or []
+        if type(layer) is not DynamicLayer
+    }
+    new = kinds - _UNPOOLABLE_NOTED
+    if new:
+        _UNPOOLABLE_NOTED.update(new)
+        warnings.warn(
+            f"This model's cache ({', '.join(sorted(new))}) cannot be pooled across batches: "
+            "undecided rows finish in their own batches (same responses, more steps).",
+            stacklevel=3,
+        )
+
+
 def regroup(decodings: Sequence[Decoding], batch_size: int) -> list[Decoding]:
     """Pool the undecided rows of several decodings into as few batches as `batch_size` allows.
 
@@ -608,10 +629,14 @@ def regroup(decodings: Sequence[Decoding], batch_size: int) -> list[Decoding]:
     old decodings, which become done, so their `responses()` stay complete.
 
     Decodings that cannot be pooled (caches other than plain dynamic layers, such as sliding
-    windows; rows at different positions) come back unchanged.
+    windows, linear-attention or Mamba states; rows at different positions) come back
+    unchanged: the same responses, in more steps. The first such cache type is named once.
     """
     live = [d for d in decodings if not d.done]
-    if len(live) < 2 or any(not isinstance(d, Decoding) or not d._mergeable() for d in live):
+    if len(live) < 2 or any(not isinstance(d, Decoding) for d in live):
+        return list(live)
+    if not all(d._mergeable() for d in live):
+        _note_unpoolable(live)
         return list(live)
     if len({d.produced for d in live}) != 1:
         return list(live)
