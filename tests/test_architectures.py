@@ -16,13 +16,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny_models import FAMILIES, is_multimodal, tiny_model
+from tiny_models import BIASED, FAMILIES, is_multimodal, tiny_model
 
 from heretic.directions import normalize
+from heretic.discovery import discover_sites, find_decoder_layers
 from heretic.edit import EditHooks, TrialEdit, merge_edit, restore_weights
 from heretic.export import write_model_files
 from heretic.model import LayerOutputs, load_model
-from heretic.sites import ATTN, COMPONENTS, MLP, find_decoder_layers
+from heretic.sites import ATTN, COMPONENTS, MLP
 
 PROMPTS = ["Name a colour.", "Count to three, please.", "What is a cat?", "Say hi."]
 
@@ -76,7 +77,7 @@ def test_layers_are_the_text_decoders_and_every_writer_is_a_site(family):
     assert model.layers is find_decoder_layers(model.model)
     # The coverage self-check ran at load; every layer has at least one site.
     assert {site.layer for site in model.sites} == set(range(model.n_layers))
-    if FAMILIES[name].get("biases"):
+    if name in BIASED:
         biases = [t for s in model.sites for t in s.biases]
         assert biases and all(bool(t.param.abs().sum() > 0) for t in biases)
 
@@ -175,7 +176,6 @@ def supported_table() -> str:
     ]
     for name in sorted(FAMILIES):
         model = tiny_model(name)
-        from heretic.sites import discover_sites
 
         sites = discover_sites(model)
         kinds = {
@@ -186,9 +186,8 @@ def supported_table() -> str:
         exports = "merged, LoRA adapter" if linear_only else "merged"
         if is_multimodal(name):
             exports += " (with processor)"
-        lines.append(
-            f"| {name} | {', '.join(kinds[ATTN]) or '-'} | {', '.join(kinds[MLP]) or '-'} | {exports} |"
-        )
+        token, channel = (", ".join(kinds[c]) or "-" for c in COMPONENTS)
+        lines.append(f"| {name} | {token} | {channel} | {exports} |")
     return "\n".join(lines)
 
 

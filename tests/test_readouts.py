@@ -13,9 +13,10 @@ from heretic.abliteration import row_edit
 from heretic.cli import run
 from heretic.config import load_settings
 from heretic.directions import DIRECTIONS_FILE, fit_readouts, load_direction_extras, normalize
+from heretic.discovery import discover_sites
 from heretic.edit import EditHooks, TrialEdit, merge_edit, restore_weights
 from heretic.errors import HereticError
-from heretic.sites import ATTN, COMPONENTS, MLP, discover_sites
+from heretic.sites import ATTN, COMPONENTS, MLP
 
 
 def _reference(good, bad, r, ridge):

@@ -17,6 +17,7 @@ from heretic.abliteration import (
 )
 from heretic.config import Settings
 from heretic.directions import normalize
+from heretic.discovery import discover_sites
 from heretic.edit import EditHooks, TrialEdit, merge_edit, restore_weights
 from heretic.errors import StudyError
 from heretic.optimization import (
@@ -31,7 +32,7 @@ from heretic.optimization import (
     open_study,
     params_from_trial,
 )
-from heretic.sites import ATTN, COMPONENTS, MLP, discover_sites
+from heretic.sites import ATTN, COMPONENTS, MLP
 
 # ----- the tent profile ----------------------------------------------------------------------
 

@@ -69,10 +69,16 @@ VISION: dict[str, Any] = dict(
 )
 
 
-FAMILIES: dict[str, dict[str, Any]] = {}
+FAMILIES: dict[str, dict[str, Any]] = {
+    "llama": {},
+    "gpt_oss": {},
+    "gemma4_text": {},
+    "qwen3_5_text": {},
+    "lfm2": {},
+}
 """Every family of the architecture matrix, with its own config overrides."""
 
-BIASED: set[str] = set()
+BIASED: set[str] = {"gpt_oss"}
 """Families whose residual writers have biases (checked to be edited with their weights)."""
 
 
@@ -83,6 +89,7 @@ def is_multimodal(family: str) -> bool:
 def tiny_config(family: str, **overrides: Any):
     config_class = CONFIG_MAPPING[family]
     text = {**TEXT, **FAMILIES.get(family, {}), **overrides}
+    text["vocab_size_per_layer_input"] = text["vocab_size"]
     if is_multimodal(family):
         return config_class(text_config=text, vision_config=dict(VISION))
     return config_class(**text)

@@ -21,8 +21,9 @@ from torch import nn
 from transformers.cache_utils import DynamicLayer
 
 from heretic.coverage import check_coverage
+from heretic.discovery import find_decoder_layers, find_sites
 from heretic.errors import ModelLoadError
-from heretic.sites import COMPONENTS, EditSite, find_decoder_layers, find_sites
+from heretic.sites import COMPONENTS, EditSite
 
 # transformers 5 renamed generate's `past_key_values` argument to `cache`.
 _CACHE_KWARG = "cache" if int(transformers.__version__.split(".")[0]) >= 5 else "past_key_values"

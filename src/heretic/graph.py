@@ -1,0 +1,296 @@
+"""Reading a decoder layer's autograd graph: which branches join the residual stream, which
+module produced each, and which weight tensors (with their output axis) are behind a block.
+
+`discovery.py` runs one probing forward pass with autograd on; the functions here walk the
+recorded graph. They only look at operation types, never at module or parameter names, so a new
+architecture needs no table entry.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from heretic.errors import ModelLoadError
+from heretic.sites import WriterTensor
+
+# Operations that move or copy values without mixing channels.
+_SHAPE_OPS = {
+    "ViewBackward0",
+    "UnsafeViewBackward0",
+    "ReshapeAliasBackward0",
+    "CloneBackward0",
+    "ToCopyBackward0",
+    "AliasBackward0",
+    "SqueezeBackward0",
+    "SqueezeBackward1",
+    "SqueezeBackward2",
+    "UnsqueezeBackward0",
+    "ExpandBackward0",
+    "SliceBackward0",
+    "SelectBackward0",
+    "IndexBackward0",
+    "IndexSelectBackward0",
+    "PermuteBackward0",
+    "TransposeBackward0",
+    "TransposeBackward1",
+    "TBackward0",
+}
+_TRANSPOSES = {"TransposeBackward0", "TransposeBackward1", "TBackward0"}
+_MATMULS = {"MmBackward0", "BmmBackward0", "AddmmBackward0", "GroupedMmBackward0"}
+# Linear in a block's output: followed inside a block when reading its writer tensors.
+_LINEAR_OPS = {"SumBackward1", "IndexAddBackward0", "CatBackward0", "StackBackward0"}
+
+
+def _children(fn) -> list:
+    return [c for c, _ in fn.next_functions if c is not None]
+
+
+def _is_scale(fn) -> bool:
+    """A multiplication or division by a constant (python number or a tensor without grad)."""
+    name = type(fn).__name__
+    if name in ("MulBackward1", "DivBackward1"):
+        return True
+    if name in ("MulBackward0", "DivBackward0"):
+        return len(_children(fn)) == 1 and any(c is None for c, _ in fn.next_functions)
+    return False
+
+
+def _skip_shape_ops(fn):
+    while fn is not None and (type(fn).__name__ in _SHAPE_OPS or _is_scale(fn)):
+        children = _children(fn)
+        if len(children) != 1:
+            break
+        fn = children[0]
+    return fn
+
+
+def residual_branches(fn, layer_input: torch.Tensor) -> list | None:
+    """The branches added onto the residual path from the layer's input to `fn`, or None when
+    `fn` does not reach the input through additions and shape operations alone."""
+    fn = _skip_shape_ops(fn)
+    if type(fn).__name__ == "AccumulateGrad" and fn.variable is layer_input:
+        return []
+    if fn is None or type(fn).__name__ not in ("AddBackward0", "SubBackward0"):
+        return None
+    children = _children(fn)
+    for i, child in enumerate(children):
+        found = residual_branches(child, layer_input)
+        if found is not None:
+            return found + children[:i] + children[i + 1 :]
+    return None
+
+
+def _norm_gain(norm: nn.Module, hidden: int, name: str) -> torch.Tensor:
+    """The elementwise gain g of an RMS-style norm (norm(x) = g * x / rms(x)), checked on a
+    random input; a norm that subtracts the mean (LayerNorm) or adds a bias is not one."""
+    param = next(norm.parameters(), None)
+    device = param.device if param is not None else torch.device("cpu")
+    dtype = param.dtype if param is not None else torch.float32
+    ones = torch.ones(1, hidden, device=device, dtype=dtype)
+    x = torch.randn(1, hidden, generator=torch.Generator().manual_seed(0)).to(device, dtype)
+    with torch.no_grad():
+        gain = norm(ones).float().reshape(-1)
+        got = norm(x).float().reshape(-1)
+    x32 = x.float().reshape(-1)
+    expected = gain * x32 / x32.pow(2).mean().sqrt()
+    tolerance = 1e-3 if dtype == torch.float32 else 5e-2
+    if not torch.allclose(got, expected, rtol=tolerance, atol=tolerance * float(gain.abs().max())):
+        raise ModelLoadError(
+            f"{name} ({type(norm).__name__}) normalizes a residual writer's output but is not an "
+            "RMS norm (it centers or shifts its input), so no edit of the writer can remove a "
+            "direction from what it adds. This architecture is not supported."
+        )
+    return gain.cpu()
+
+
+@dataclass
+class Trace:
+    """What one probing forward pass recorded about the modules of a layer."""
+
+    names: dict[nn.Module, str]
+    outputs: dict[object, list[nn.Module]] = field(default_factory=dict)  # grad_fn -> modules
+    tensors: dict[nn.Module, torch.Tensor] = field(default_factory=dict)
+    inputs: dict[nn.Module, object] = field(default_factory=dict)  # module -> input grad_fn
+    input_tensors: dict[nn.Module, torch.Tensor] = field(default_factory=dict)
+
+
+def _pick(modules: list[nn.Module]) -> nn.Module:
+    """Of the modules that output the same tensor (inner ones first), the innermost one that
+    holds weights of its own (a linear layer or a fused expert module), else the innermost."""
+    for module in modules:
+        if isinstance(module, nn.Linear) or any(
+            p.dim() >= 2 for p in module.parameters(recurse=False)
+        ):
+            return module
+    return modules[0]
+
+
+def _is_norm(module: nn.Module) -> bool:
+    return "norm" in type(module).__name__.lower() and not any(
+        p.dim() >= 2 for p in module.parameters()
+    )
+
+
+def branch_modules(
+    fn, trace: Trace, hidden: int, layer_name: str
+) -> list[tuple[nn.Module, torch.Tensor | None]]:
+    """The writer modules of one residual branch, each with the gain of a post-norm (if any)."""
+    candidates: list[nn.Module] = []
+    while True:
+        candidates.extend(trace.outputs.get(fn, []))
+        inner = _skip_shape_ops(fn)
+        if inner is fn:
+            break
+        fn = inner
+    if candidates:
+        module = _pick(candidates)
+        if _is_norm(module):
+            gain = _norm_gain(module, hidden, trace.names[module])
+            found = branch_modules(trace.inputs[module], trace, hidden, layer_name)
+            return [(m, gain if g is None else g * gain) for m, g in found]
+        return [(module, None)]
+    if fn is not None and type(fn).__name__ in ("AddBackward0", "SubBackward0"):
+        return [
+            found
+            for child in _children(fn)
+            for found in branch_modules(child, trace, hidden, layer_name)
+        ]
+    op = type(fn).__name__ if fn is not None else "a constant"
+    raise ModelLoadError(
+        f"{layer_name} adds something to the residual stream ({op}) that heretic cannot trace "
+        "back to a module, so it cannot edit it. This architecture is not supported."
+    )
+
+
+def _param_chain(fn, params: dict[int, str]) -> tuple[nn.Parameter, int] | None:
+    """The parameter an operand comes from (through indexing and shape operations), with the
+    number of transposes on the way."""
+    transposes = 0
+    while fn is not None:
+        name = type(fn).__name__
+        if name == "AccumulateGrad":
+            variable = fn.variable
+            return (variable, transposes) if id(variable) in params else None
+        if name not in _SHAPE_OPS:
+            return None
+        transposes += name in _TRANSPOSES
+        children = _children(fn)
+        if len(children) != 1:
+            return None
+        fn = children[0]
+    return None
+
+
+def _full_width_operands(fn) -> list:
+    """Of a product's operands, those that carry the hidden values (not a per-row routing or
+    gating weight, whose last axis is 1)."""
+    shapes = []
+    for attr in ("_saved_self", "_saved_other"):
+        saved = getattr(fn, attr, None)
+        shapes.append(tuple(saved.shape) if isinstance(saved, torch.Tensor) else None)
+    children = [c for c, _ in fn.next_functions]
+    # next_functions are (self, other); the gradient of self saves other and vice versa.
+    keep = []
+    for index, child in enumerate(children):
+        own = shapes[index]
+        if child is not None and (own is None or len(own) == 0 or own[-1] != 1):
+            keep.append(child)
+    return keep
+
+
+class TensorFinder:
+    """Reads the writer tensors of a block (not a plain linear layer) from its output's graph:
+    the matrices of the last matrix products before the output, the biases added after them."""
+
+    def __init__(self, params: dict[int, str], hidden: int, site_name: str):
+        self.params = params
+        self.hidden = hidden
+        self.site_name = site_name
+        self.weights: dict[int, WriterTensor] = {}
+        self.biases: dict[int, WriterTensor] = {}
+
+    def walk(self, fn) -> None:
+        stack, seen = [fn], set()
+        while stack:
+            node = stack.pop()
+            if node is None or node in seen:
+                continue
+            seen.add(node)
+            name = type(node).__name__
+            if name in _MATMULS:
+                self._matmul(node)
+            elif name in ("AddBackward0", "SubBackward0"):
+                for child in _children(node):
+                    if not self._bias(child):
+                        stack.append(child)
+            elif name in ("MulBackward0", "DivBackward0"):
+                stack.extend(_full_width_operands(node))
+            elif name in _SHAPE_OPS or name in _LINEAR_OPS or _is_scale(node):
+                stack.extend(_children(node))
+
+    def _record(self, target: dict[int, WriterTensor], param: nn.Parameter, out_axis: int):
+        out_axis %= param.dim()
+        if param.shape[out_axis] != self.hidden:
+            raise ModelLoadError(
+                f"{self.site_name} writes through {self.params[id(param)]} "
+                f"{tuple(param.shape)}, whose output axis {out_axis} is not the hidden size "
+                f"{self.hidden}. This architecture is not supported."
+            )
+        expert_axis = 0 if param.dim() == (3 if target is self.weights else 2) else None
+        target[id(param)] = WriterTensor(self.params[id(param)], param, out_axis, expert_axis)
+
+    def _matmul(self, node) -> None:
+        children = [c for c, _ in node.next_functions]
+        if type(node).__name__ == "AddmmBackward0":
+            self._bias(children[0])
+            children = children[1:]
+        # out = a @ b: the weight is b (its last axis is the output unless transposed) or a.
+        for position, child in enumerate(children[:2]):
+            chain = _param_chain(child, self.params)
+            if chain is None:
+                continue
+            param, transposes = chain
+            if position == 1:
+                out_axis = -1 if transposes % 2 == 0 else -2
+            else:
+                out_axis = -2 if transposes % 2 == 0 else -1
+            self._record(self.weights, param, out_axis)
+
+    def _bias(self, fn) -> bool:
+        chain = _param_chain(fn, self.params)
+        if chain is None or chain[0].dim() > 2:
+            return False
+        self._record(self.biases, chain[0], -1)
+        return True
+
+
+def sibling_experts(found: list[WriterTensor], named: dict[str, nn.Parameter]) -> list:
+    """Experts kept as a list of modules (`experts.3.down_proj.weight`): the graph shows only
+    the experts the probe's tokens were routed to, so every sibling with the same path is added."""
+    out: dict[str, WriterTensor] = {w.name: w for w in found}
+    for tensor in found:
+        match = re.match(r"(.*\.experts\.)\d+(\..*)$", tensor.name)
+        if match is None:
+            continue
+        pattern = re.compile(re.escape(match.group(1)) + r"\d+" + re.escape(match.group(2)) + "$")
+        for name, param in named.items():
+            if pattern.match(name) and name not in out:
+                out[name] = WriterTensor(name, param, tensor.out_axis, tensor.expert_axis)
+    return list(out.values())
+
+
+def check_declared_orientation(module: nn.Module, site: str, weights: list[WriterTensor]):
+    """Expert modules that declare their layout (`is_transposed`) must agree with the graph."""
+    declared = getattr(module, "is_transposed", None)
+    if declared is None:
+        return
+    for w in weights:
+        if w.expert_axis is not None and (w.out_axis == 2) != bool(declared):
+            raise ModelLoadError(
+                f"{site}: {w.name} is used with its output on axis {w.out_axis}, but the module "
+                f"declares is_transposed={declared}. This architecture is not supported."
+            )
