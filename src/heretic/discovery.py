@@ -106,7 +106,7 @@ def _first_tensor(value) -> torch.Tensor | None:
 def _install_probe(layers: nn.ModuleList, names: dict[nn.Module, str], probe: _Probe) -> list:
     handles = []
     for index, layer in enumerate(layers):
-        trace = probe.traces.setdefault(index, Trace(names))
+        trace = probe.traces.setdefault(index, Trace(names, dict(layer.named_parameters())))
 
         def pre_hook(_module, args, kwargs, index=index):
             # A fresh leaf per layer isolates each layer's graph from the layers below it.

@@ -112,6 +112,7 @@ class Trace:
     """What one probing forward pass recorded about the modules of a layer."""
 
     names: dict[nn.Module, str]
+    params: dict[str, nn.Parameter] = field(default_factory=dict)
     outputs: dict[object, list[nn.Module]] = field(default_factory=dict)  # grad_fn -> modules
     tensors: dict[nn.Module, torch.Tensor] = field(default_factory=dict)
     inputs: dict[nn.Module, object] = field(default_factory=dict)  # module -> input grad_fn
@@ -160,6 +161,10 @@ def branch_modules(
             for found in branch_modules(child, trace, hidden, layer_name)
         ]
     op = type(fn).__name__ if fn is not None else "a constant"
+    variable = getattr(fn, "variable", None)
+    if isinstance(variable, nn.Parameter):
+        owner = next((n for n, p in trace.params.items() if p is variable), "a parameter")
+        op = f"the parameter {owner} {tuple(variable.shape)}"
     raise ModelLoadError(
         f"{layer_name} adds something to the residual stream ({op}) that heretic cannot trace "
         "back to a module, so it cannot edit it. This architecture is not supported."
