@@ -73,6 +73,12 @@ FAMILIES: dict[str, dict[str, Any]] = {
     "llama": {},
     "gpt_oss": {},
     "gemma4_text": {},
+    "gemma4_text_moe": {
+        "model_type": "gemma4_text",
+        "enable_moe_block": True,
+        "top_k_experts": 2,
+    },
+    "gemma3n_text": {"num_kv_shared_layers": 0},
     "qwen3_5_text": {},
     "lfm2": {},
 }
@@ -82,13 +88,20 @@ BIASED: set[str] = {"gpt_oss"}
 """Families whose residual writers have biases (checked to be edited with their weights)."""
 
 
+def model_type(family: str) -> str:
+    """The transformers model type of a family of the matrix (variants name their own)."""
+    return FAMILIES.get(family, {}).get("model_type", family)
+
+
 def is_multimodal(family: str) -> bool:
-    return "vision_config" in (getattr(CONFIG_MAPPING[family], "sub_configs", {}) or {})
+    sub_configs = getattr(CONFIG_MAPPING[model_type(family)], "sub_configs", {}) or {}
+    return "vision_config" in sub_configs
 
 
 def tiny_config(family: str, **overrides: Any):
-    config_class = CONFIG_MAPPING[family]
-    text = {**TEXT, **FAMILIES.get(family, {}), **overrides}
+    config_class = CONFIG_MAPPING[model_type(family)]
+    own = {k: v for k, v in FAMILIES.get(family, {}).items() if k != "model_type"}
+    text = {**TEXT, **own, **overrides}
     text["vocab_size_per_layer_input"] = text["vocab_size"]
     if is_multimodal(family):
         return config_class(text_config=text, vision_config=dict(VISION))
@@ -110,8 +123,9 @@ def tiny_model(family: str, dtype: torch.dtype = torch.float32, **overrides: Any
     """A tiny random model of `family` (config overrides as keyword arguments)."""
     config = tiny_config(family, **overrides)
     torch.manual_seed(0)
+    causal = transformers.models.auto.modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
     auto = transformers.AutoModelForCausalLM
-    if is_multimodal(family):
+    if is_multimodal(family) or model_type(family) not in causal:
         auto = transformers.AutoModelForImageTextToText
     model = auto.from_config(config, dtype=dtype).eval()
     return randomize(model)

@@ -59,12 +59,13 @@ def _is_scale(fn) -> bool:
     return False
 
 
-def _skip_shape_ops(fn):
+def _skip_shape_ops(fn, steps: int | None = None):
     while fn is not None and (type(fn).__name__ in _SHAPE_OPS or _is_scale(fn)):
         children = _children(fn)
-        if len(children) != 1:
+        if len(children) != 1 or steps == 0:
             break
         fn = children[0]
+        steps = None if steps is None else steps - 1
     return fn
 
 
@@ -141,9 +142,9 @@ def branch_modules(
 ) -> list[tuple[nn.Module, torch.Tensor | None]]:
     """The writer modules of one residual branch, each with the gain of a post-norm (if any)."""
     candidates: list[nn.Module] = []
-    while True:
+    while True:  # one node at a time: a module's output may sit between two shape operations
         candidates.extend(trace.outputs.get(fn, []))
-        inner = _skip_shape_ops(fn)
+        inner = _skip_shape_ops(fn, steps=1)
         if inner is fn:
             break
         fn = inner

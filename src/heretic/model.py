@@ -696,16 +696,22 @@ def load_model(
 
 
 def _auto_class(source: ModelSource, kwargs: dict):
-    """AutoModelForImageTextToText for a checkpoint with a vision (or audio) part, else
-    AutoModelForCausalLM; and whether it is multimodal."""
+    """The class to load with, and whether the checkpoint is multimodal: the class its config's
+    `architectures` names when transformers has it (some text models, like Mistral 4, are only
+    registered for image-text-to-text), else AutoModelForImageTextToText for a checkpoint with a
+    vision part and AutoModelForCausalLM otherwise."""
+    import transformers
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
 
     if source.gguf_file:
         return AutoModelForCausalLM, False
     config = AutoConfig.from_pretrained(source.path, **kwargs)
-    if getattr(config, "vision_config", None) is not None:
-        return AutoModelForImageTextToText, True
-    return AutoModelForCausalLM, False
+    multimodal = getattr(config, "vision_config", None) is not None
+    for name in getattr(config, "architectures", None) or []:
+        named = getattr(transformers, name, None)
+        if isinstance(named, type) and hasattr(named, "from_pretrained"):
+            return named, multimodal
+    return (AutoModelForImageTextToText if multimodal else AutoModelForCausalLM), multimodal
 
 
 def _processor(source: ModelSource, kwargs: dict):
