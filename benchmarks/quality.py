@@ -329,6 +329,7 @@ def same_judge(
     """
     import torch
 
+    from heretic.atomic import write_text
     from heretic.config import DEFAULT_REFUSAL_MARKERS
     from heretic.directions import mean_difference, normalize, orthogonalize
     from heretic.edit import EditHooks
@@ -354,9 +355,7 @@ def same_judge(
 
     def save() -> None:
         for keys, path in paths.items():
-            tmp = path.with_suffix(".tmp")
-            tmp.write_text(json.dumps({k: cache[k] for k in keys if k in cache}))
-            tmp.replace(path)
+            write_text(path, json.dumps({k: cache[k] for k in keys if k in cache}))
 
     bad = prompt_set(prompts, "bad_evaluation_prompts")
     good = prompt_set(prompts, "good_evaluation_prompts")

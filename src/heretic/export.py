@@ -1,21 +1,19 @@
-"""Output: the merged model folder and heretic_metadata.json, written so a crash never leaves
-half-written output (everything goes to a temporary sibling first, then is renamed into place).
+"""Output: the merged model folder, the adapter files and heretic_metadata.json, written so a
+crash never leaves half-written output (through `atomic`: a temporary sibling first, then a
+rename into place).
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
-import shutil
-import tempfile
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from heretic.atomic import atomic_file, staged_folder
 from heretic.edit import TrialEdit
 from heretic.errors import ExportError
 from heretic.sites import EditSite
@@ -40,67 +38,9 @@ def library_versions() -> dict[str, str]:
     return versions
 
 
-def _writable_parent(path: Path) -> Path:
-    parent = path.parent
-    try:
-        parent.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise ExportError(
-            f"Cannot create output folder {parent}: {e.strerror}. Fix --output-dir."
-        ) from e
-    if not os.access(parent, os.W_OK):
-        raise ExportError(f"Output folder {parent} is not writable: fix --output-dir.")
-    return parent
-
-
-def _default_mode(directory: bool) -> int:
-    """The permissions a normal mkdir/open would give under the current umask (mkdtemp and
-    mkstemp create private 0700/0600 entries, which would surprise users sharing outputs)."""
-    umask = os.umask(0)
-    os.umask(umask)
-    return (0o777 if directory else 0o666) & ~umask
-
-
-def _replace(tmp: Path, final: Path) -> None:
-    """Move tmp into final's place; an existing final is kept until the new one is in place."""
-    backup = None
-    if final.exists():
-        backup = final.with_name(final.name + ".old")
-        if backup.exists():
-            shutil.rmtree(backup) if backup.is_dir() else backup.unlink()
-        final.rename(backup)
-    tmp.rename(final)
-    if backup is not None:
-        shutil.rmtree(backup) if backup.is_dir() else backup.unlink()
-
-
-@contextlib.contextmanager
-def staged_folder(path: Path) -> Iterator[Path]:
-    """Yield a temporary sibling of `path` to fill; on success it replaces `path` whole.
-
-    A crash, Ctrl-C or full disk leaves the previous `path` (if any) untouched and no
-    temporary folder behind, so an output folder is always one complete export.
-    """
-    parent = _writable_parent(path)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=parent))
-    try:
-        tmp.chmod(_default_mode(directory=True))
-        yield tmp
-        _replace(tmp, path)
-    except OSError as e:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise ExportError(
-            f"Saving to {path} failed ({e.strerror or e}); nothing was overwritten. "
-            "Free disk space or choose another --output-dir."
-        ) from e
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
 def save_model_folder(model: torch.nn.Module, tokenizer, path: Path) -> None:
     """save_pretrained (safetensors) + tokenizer into `path`, atomically."""
-    with staged_folder(path) as tmp:
+    with staged_folder(path, "the model") as tmp:
         write_model_files(model, tokenizer, tmp)
 
 
@@ -202,18 +142,10 @@ def write_adapter_files(
 
 
 def write_json(data: Mapping[str, Any], path: Path) -> None:
-    """Write JSON atomically (temporary file + rename)."""
-    parent = _writable_parent(path)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", dir=parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(data, f, indent=2, default=str)
-            f.write("\n")
-        os.chmod(tmp_name, _default_mode(directory=False))
-        os.replace(tmp_name, path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
+    """Write JSON atomically (see `atomic.atomic_file`)."""
+    with atomic_file(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
+        json.dump(data, f, indent=2, default=str)
+        f.write("\n")
 
 
 def build_metadata(

@@ -24,13 +24,13 @@ from optuna.trial import FrozenTrial
 from rich.console import Console
 
 from heretic.abliteration import describe_params, edit_from_params, params_record
+from heretic.atomic import staged_folder
 from heretic.card import render_card, source_info
 from heretic.config import Settings
 from heretic.edit import TrialEdit, merge_edit, restore_weights
 from heretic.errors import ExportError
 from heretic.export import (
     build_metadata,
-    staged_folder,
     write_adapter_files,
     write_json,
     write_model_files,
@@ -216,7 +216,7 @@ class Finisher:
             self.console.print(
                 f"[bold]Saving[/] trial {trial.number} ({', '.join(model_formats)}) to {folder}"
             )
-            with staged_folder(folder) as tmp:
+            with staged_folder(folder, "the model") as tmp:
                 if "model" in model_formats:
                     self._write_merged(strengths, directions, tmp)
                 if "gguf" in model_formats:
@@ -235,7 +235,7 @@ class Finisher:
             self.console.print(
                 f"[bold]Saving[/] trial {trial.number} as a LoRA adapter to {folder}"
             )
-            with staged_folder(folder) as tmp:
+            with staged_folder(folder, "the adapter") as tmp:
                 write_adapter_files(
                     self.model.sites,
                     self._trial_edit(strengths, directions),

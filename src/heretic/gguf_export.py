@@ -15,9 +15,7 @@ same one the refusal directions live in (a test compares logits against the merg
 
 from __future__ import annotations
 
-import os
 import re
-import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +25,7 @@ import numpy as np
 import torch
 
 from heretic.abliteration import RowEdit, component_readout, edited_weight
+from heretic.atomic import atomic_file
 from heretic.edit import TrialEdit
 from heretic.errors import ExportError
 from heretic.sites import EditSite
@@ -205,11 +204,7 @@ def write_edited_gguf(
         raise ExportError(f"GGUF file {source} has no general.architecture key.")
     arch = arch_field.contents()
 
-    destination.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{destination.name}.", dir=destination.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
+    with atomic_file(destination, "the edited GGUF file") as tmp:
         writer = gguf.GGUFWriter(tmp, arch, endianess=reader.endianess)
         for field in reader.fields.values():
             # GGUF.* are the header's virtual fields; the writer adds the architecture itself.
@@ -241,28 +236,11 @@ def write_edited_gguf(
             else:
                 writer.write_tensor_data(tensor.data, tensor_endianess=reader.endianess)
         writer.close()
-        os.chmod(tmp, 0o666 & ~_umask())
-        os.replace(tmp, destination)
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        raise ExportError(
-            f"Writing GGUF file {destination} failed ({e.strerror or e}); nothing was "
-            "overwritten. Free disk space or choose another --output-dir."
-        ) from e
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
     return GGUFExportReport(
         path=destination,
         edited={name: qtype.name for name, (_, qtype) in replaced.items()},
         copied=len(reader.tensors) - len(replaced),
     )
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def output_name(source: Path) -> str:

@@ -6,19 +6,19 @@ residual picture shows why the edit works (or not): harmful and harmless prompts
 along the refusal direction in the layers that matter.
 
 matplotlib's object API (`Figure` + the Agg canvas) is used rather than pyplot, so nothing here
-touches global backend state; files are written to a temporary name and renamed.
+touches global backend state; files are written atomically (`atomic.atomic_file`).
 """
 
 from __future__ import annotations
 
 import math
-import os
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from heretic.atomic import atomic_file
 
 # Colour-blind-safe (Okabe-Ito) colours.
 GOOD_COLOUR = "#0072B2"
@@ -39,18 +39,8 @@ def _save(fig, path: Path) -> Path:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
 
     FigureCanvasAgg(fig)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".png", dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_file(path, "the plot") as tmp:
         fig.savefig(tmp, format="png", dpi=120)
-        mask = os.umask(0)
-        os.umask(mask)
-        os.chmod(tmp, 0o666 & ~mask)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
     return path
 
 

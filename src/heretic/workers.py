@@ -27,7 +27,6 @@ import fcntl
 import importlib.util
 import os
 import re
-import shutil
 import socket
 import sys
 import threading
@@ -41,6 +40,7 @@ from typing import Any
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
+from heretic.atomic import clean_leftovers, temp_sibling
 from heretic.errors import ExportError, StudyError
 
 WORKER_ATTR = "heretic_worker"
@@ -57,9 +57,6 @@ GRACE_FACTOR = 4
 """A trial whose heartbeat is older than GRACE_FACTOR intervals belongs to a dead worker."""
 
 _RDB_SCHEMES = ("sqlite", "postgresql", "postgres", "mysql", "oracle", "mssql")
-_TEMP_NAME = re.compile(r"^\..+\.[a-z0-9_]{8}$")
-"""Hidden `tempfile.mkstemp`/`mkdtemp` siblings (`.model.ab12cd_9`) that atomic writes use."""
-_OUTPUTS_WITH_BACKUP = ("model", "heretic_metadata.json", "directions.safetensors")
 
 # `Study.ask` warns that heartbeats are meant for `Study.optimize`; heretic records them itself.
 warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used")
@@ -392,10 +389,8 @@ def prepare_output_dir(output_dir: Path) -> Path:
         raise ExportError(
             f"Cannot create output folder {output_dir}: {e.strerror or e}. Fix --output-dir."
         ) from e
-    probe = output_dir / f".heretic-write-test-{os.getpid()}"
     try:
-        probe.write_bytes(b"")
-        probe.unlink()
+        temp_sibling(output_dir / "heretic-write-test").unlink()
     except OSError as e:
         raise ExportError(
             f"Output folder {output_dir} is not writable ({e.strerror or e}): fix its "
@@ -407,9 +402,9 @@ def prepare_output_dir(output_dir: Path) -> Path:
 class OutputDirLease:
     """A shared lock on the output folder for this worker's lifetime.
 
-    The worker that finds no other worker holding it removes what killed runs left behind:
-    temporary siblings of atomic writes, and `X.old` backups (restored when `X` is missing,
-    which means the run died between the two renames of a replace).
+    The worker that finds no other worker holding it undoes what killed runs left behind
+    (`atomic.clean_leftovers`: temporaries removed, a replaced folder's backup put back when
+    the run died between the two renames of the replace).
     """
 
     def __init__(self, output_dir: Path) -> None:
@@ -434,24 +429,6 @@ class OutputDirLease:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-def clean_leftovers(output_dir: Path) -> list[str]:
-    """Remove temporaries and restore or drop `.old` backups; returns what was touched."""
-    touched = []
-    for entry in sorted(output_dir.iterdir()):
-        name = entry.name
-        if _TEMP_NAME.match(name):
-            shutil.rmtree(entry, ignore_errors=True) if entry.is_dir() else entry.unlink()
-            touched.append(name)
-        elif name.endswith(".old") and name[: -len(".old")] in _OUTPUTS_WITH_BACKUP:
-            final = entry.with_name(name[: -len(".old")])
-            if final.exists():
-                shutil.rmtree(entry, ignore_errors=True) if entry.is_dir() else entry.unlink()
-            else:
-                entry.rename(final)
-            touched.append(name)
-    return touched
 
 
 @contextlib.contextmanager
