@@ -152,7 +152,8 @@ def our_edits(model, output_dir: Path):
     from heretic.abliteration import edit_from_params
     from heretic.directions import DIRECTIONS_FILE, load_direction_extras, load_directions
     from heretic.edit import EditHooks
-    from heretic.optimization import FINGERPRINT_ATTR, params_from_trial
+    from heretic.fingerprint import FINGERPRINT_ATTR
+    from heretic.optimization import params_from_trial
 
     directions, _ = load_directions(output_dir / DIRECTIONS_FILE)
     study = optuna.load_study(

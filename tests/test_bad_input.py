@@ -21,10 +21,9 @@ from heretic.config import load_settings
 from heretic.directions import save_directions
 from heretic.errors import StudyError
 from heretic.evaluation import Score
+from heretic.fingerprint import check_study_key, study_key
 from heretic.optimization import (
     SearchSpace,
-    check_fingerprint,
-    objective_fingerprint,
     open_study,
     run_search,
 )
@@ -219,7 +218,7 @@ def _study_made_with(env, *extra: str) -> optuna.Study:
     settings = load_settings(argv(env, *extra))
     settings.output_dir.mkdir(parents=True, exist_ok=True)
     study = open_study(settings.resolved_storage(), settings.study_name, 0, 1)
-    check_fingerprint(study, objective_fingerprint(settings))
+    check_study_key(study, study_key(settings))
     return study
 
 

@@ -21,14 +21,20 @@ from heretic.directions import (
     load_direction_extras,
     load_directions,
     mean_abs_cosine,
-    metadata_differences,
     normalize,
     orthogonalize,
     orthonormal_basis,
     sacred_directions,
 )
+from heretic.fingerprint import (
+    directions_differences,
+    directions_key,
+    directions_metadata,
+    study_key,
+)
 from heretic.probes import ProbeError, train_probes
-from heretic.refinements import build_directions, extra_prompt_sets, extras_metadata
+from heretic.prompts import load_prompts
+from heretic.refinements import build_directions
 
 L, H = 3, 32
 
@@ -192,9 +198,9 @@ def test_build_directions_orthogonal_to_the_good_mean():
     expected = normalize(plain - (plain * good_mean).sum(-1, keepdim=True) * good_mean)
     torch.testing.assert_close(result.refusal.double(), expected, atol=1e-5, rtol=1e-5)
     assert any("refusal directions and the good mean" in line for line in logs)
-    prompts = {name: [] for name in extra_prompt_sets(settings)}
-    on = json.loads(extras_metadata(settings, prompts)["extras"])
-    off = json.loads(extras_metadata(_settings(), prompts)["extras"])
+    prompts = {"good_prompts": ["g"], "bad_prompts": ["b"]}
+    on = directions_key(settings, prompts)
+    off = directions_key(_settings(), prompts)
     assert on.get("orthogonalize_good_mean") is True and "orthogonalize_good_mean" not in off
 
 
@@ -317,7 +323,7 @@ def test_pipeline_saves_and_reuses_extras(tiny_chat_model, tmp_path, monkeypatch
     directions, metadata = load_directions(out / DIRECTIONS_FILE)
     saved = load_direction_extras(out / DIRECTIONS_FILE)
     assert set(saved) == {"helpfulness_directions", "sacred_directions"}
-    assert json.loads(metadata["extras"])["use_sacred_directions"] is True
+    assert json.loads(metadata["key"])["use_sacred_directions"] is True
     against = torch.cat(
         [saved["helpfulness_directions"].unsqueeze(1), saved["sacred_directions"]], 1
     )
@@ -328,19 +334,38 @@ def test_pipeline_saves_and_reuses_extras(tiny_chat_model, tmp_path, monkeypatch
     assert "Reusing refusal directions" in log.read_text()
     # Other extras (here: none) would recompute instead of reusing the file.
     plain = settings()
-    prompts = {name: [] for name in extra_prompt_sets(plain)}
-    current = {**metadata, **extras_metadata(plain, prompts)}
-    differences = metadata_differences(metadata, current)
-    assert [line.split(":")[0] for line in differences] == ["extras", "extra_prompts_sha256"]
+    prompts = {
+        name: load_prompts(getattr(plain, name), name) for name in ("good_prompts", "bad_prompts")
+    }
+    current = directions_metadata(plain, prompts, *directions.shape)
+    differences = directions_differences(metadata, current)
+    assert {line.split(":")[0] for line in differences} == {
+        "use_supervised_probing",
+        "probe_l2",
+        "min_probe_accuracy",
+        "ensemble_probe_pca",
+        "probe_weight",
+        "probe_response_length",
+        "seed",
+        "refusal_markers",
+        "ignore_echoed_markers",
+        "orthogonalize_directions",
+        "helpful_prompts",
+        "unhelpfulness_prompts",
+        "use_sacred_directions",
+        "n_sacred_directions",
+        "sacred_alpha",
+        "sacred_prompts",
+        "sacred_baseline_prompts",
+    }
+    assert "helpful_prompts: the file was made from other prompts" in differences
 
 
 def test_study_fingerprint_includes_extras_in_use():
-    from heretic.optimization import objective_fingerprint
-
-    plain = objective_fingerprint(_settings())
+    plain = study_key(_settings())
     assert "use_sacred_directions" not in plain and "probe_weight" not in plain
     assert "orthogonalize_good_mean" not in plain and plain["row_normalization"] == "none"
-    assert objective_fingerprint(_settings(orthogonalize_good_mean=True))["orthogonalize_good_mean"]
-    sacred = objective_fingerprint(_settings(use_sacred_directions=True))
+    assert study_key(_settings(orthogonalize_good_mean=True))["orthogonalize_good_mean"]
+    sacred = study_key(_settings(use_sacred_directions=True))
     assert sacred["use_sacred_directions"] is True and sacred["n_sacred_directions"] == 5
     assert {k: v for k, v in sacred.items() if k in plain} == plain

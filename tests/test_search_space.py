@@ -20,15 +20,14 @@ from heretic.directions import normalize
 from heretic.discovery import discover_sites
 from heretic.edit import EditHooks, TrialEdit, merge_edit, restore_weights
 from heretic.errors import StudyError
+from heretic.fingerprint import check_study_key, study_key
 from heretic.optimization import (
     WARM_START_ATTR,
     WARM_STARTS,
     SearchSpace,
     WarmStart,
-    check_fingerprint,
     enqueue_warm_starts,
     model_family,
-    objective_fingerprint,
     open_study,
     params_from_trial,
 )
@@ -214,20 +213,20 @@ def test_unmeasured_family_and_other_spaces_get_none(monkeypatch):
 
 def test_resumed_study_with_another_search_space_is_refused(tmp_path):
     study = open_study(f"sqlite:///{tmp_path / 'study.db'}", "s", 0, 1, None)
-    check_fingerprint(study, objective_fingerprint(Settings(model="m", search_space="tent")))
+    check_study_key(study, study_key(Settings(model="m", search_space="tent")))
     with pytest.raises(StudyError, match="search_space: study has 'tent', this run has 'range'"):
-        check_fingerprint(study, objective_fingerprint(Settings(model="m", search_space="range")))
+        check_study_key(study, study_key(Settings(model="m", search_space="range")))
     with pytest.raises(StudyError, match="direction_scope"):
-        check_fingerprint(
+        check_study_key(
             study,
-            objective_fingerprint(
+            study_key(
                 Settings(
                     model="m", search_space="tent", direction_scope="search", readout="direction"
                 )
             ),
         )
     same = Settings(model="m", search_space="tent")
-    assert check_fingerprint(study, objective_fingerprint(same)) == []
+    assert check_study_key(study, study_key(same)) == []
 
 
 # ----- end to end ----------------------------------------------------------------------------

@@ -30,12 +30,16 @@ from heretic.directions import (
     fit_readouts,
     load_direction_extras,
     load_directions,
-    metadata_differences,
-    prompts_digest,
     save_directions,
 )
 from heretic.errors import HereticError
 from heretic.evaluation import Evaluator, MarkerJudge, Score
+from heretic.fingerprint import (
+    check_study_key,
+    directions_differences,
+    directions_metadata,
+    study_key,
+)
 from heretic.finish import Finisher
 from heretic.judges import OPENING_TOKENS, AdaptiveJudge
 from heretic.model import Model, load_model
@@ -45,12 +49,10 @@ from heretic.optimization import (
     REFUSALS_ATTR,
     SearchSpace,
     best_trial,
-    check_fingerprint,
     did_nothing,
     enqueue_warm_starts,
     finished_trials,
     model_family,
-    objective_fingerprint,
     open_study,
     params_from_trial,
     pareto_front,
@@ -63,7 +65,6 @@ from heretic.refinements import (
     DirectionSet,
     build_directions,
     extra_prompt_sets,
-    extras_metadata,
 )
 from heretic.reset import editable_matrices, make_edit
 from heretic.sites import COMPONENTS
@@ -309,26 +310,19 @@ def _directions(
     --directions, reused from the output folder, or computed.
 
     Computed directions are saved to OUTPUT_DIR/directions.safetensors (atomically) with the
-    model, its shape, the method and a hash of the prompts; a rerun or another worker with the
-    same metadata loads them instead of extracting again. An exclusive lock on the output
-    folder makes local workers that start together compute them once: the others wait, then
-    load the file.
+    model's shape and the directions key (`fingerprint.directions_key`); a rerun or another
+    worker with the same key loads them instead of extracting again. An exclusive lock on the
+    output folder makes local workers that start together compute them once: the others wait,
+    then load the file.
     """
-    metadata = {
-        "model": settings.model,
-        "n_layers": str(model.n_layers),
-        "hidden_size": str(model.hidden_size),
-        "direction_method": settings.direction_method,
-        "prompts_sha256": prompts_digest(prompts["good_prompts"], prompts["bad_prompts"]),
-    }
-    if settings.directions is None:
-        metadata.update(extras_metadata(settings, prompts))
+    given = settings.directions is not None
+    metadata = directions_metadata(settings, prompts, model.n_layers, model.hidden_size, given)
     if settings.directions is not None:
         directions, stored = load_directions(settings.directions)
         check_directions_shape(
             settings.directions, directions, stored, model.n_layers, model.hidden_size
         )
-        for line in metadata_differences(stored, metadata):
+        for line in directions_differences(stored, metadata, given_file=True):
             console.print(f"[yellow]Warning:[/] --directions {escape(line)}", highlight=False)
         console.print(f"Using refusal directions from {settings.directions}")
         return directions, _stored_readouts(settings.directions, settings)
@@ -339,7 +333,7 @@ def _directions(
         if path.exists():
             directions, stored = load_directions(path)
             check_directions_shape(path, directions, stored, model.n_layers, model.hidden_size)
-            differences = metadata_differences(stored, metadata)
+            differences = directions_differences(stored, metadata)
             if not differences:
                 console.print(f"Reusing refusal directions from {path}")
                 return directions, _stored_readouts(path, settings)
@@ -442,7 +436,7 @@ def _open_study(settings: Settings, console: Console):
         settings.resolved_startup_trials(),
         settings.heartbeat_interval,
     )
-    forced = check_fingerprint(study, objective_fingerprint(settings), settings.force)
+    forced = check_study_key(study, study_key(settings), settings.force)
     if forced:
         console.print(
             "[yellow]Warning:[/] --force: continuing a study created with other settings:\n  "

@@ -7,8 +7,6 @@ mean differences of large, nearly equal activations lose digits in float32.
 
 from __future__ import annotations
 
-import hashlib
-import json
 from pathlib import Path
 
 import torch
@@ -86,16 +84,6 @@ def refusal_directions(good: torch.Tensor, bad: torch.Tensor, method: str) -> to
 
 DIRECTIONS_FILE = "directions.safetensors"
 DIRECTIONS_KEY = "directions"
-SHAPE_KEYS = ("n_layers", "hidden_size")
-"""Metadata that must match the model: a file made for another shape cannot be used at all."""
-MATCH_KEYS = ("model", "direction_method", "prompts_sha256", "extras", "extra_prompts_sha256")
-"""Metadata that must match for the file to be reused instead of recomputed (`extras`: the
-refinement settings, as JSON; `extra_prompts_sha256`: the prompts the refinements used)."""
-
-
-def prompts_digest(good: list[str], bad: list[str]) -> str:
-    """A hash of the prompts the directions come from (their text, not where they came from)."""
-    return hashlib.sha256(json.dumps([good, bad]).encode()).hexdigest()
 
 
 def save_directions(
@@ -159,15 +147,6 @@ def check_directions_shape(
             f"hidden size {hidden}. Delete the file, choose another --output-dir, or fix "
             "--directions."
         )
-
-
-def metadata_differences(stored: dict[str, str], current: dict[str, str]) -> list[str]:
-    """The MATCH_KEYS on which a directions file differs from this run, as readable lines."""
-    return [
-        f"{key}: file has {stored.get(key)!r}, this run has {current.get(key)!r}"
-        for key in MATCH_KEYS
-        if stored.get(key) != current.get(key)
-    ]
 
 
 # --------------------------------------------------------------------------------------------

@@ -14,7 +14,6 @@ from typing import Any
 
 import optuna
 from optuna.trial import FrozenTrial, TrialState
-from pydantic import BaseModel
 
 from heretic.abliteration import ComponentParams, EditParams, LayerProfile, TentParams
 from heretic.errors import StudyError
@@ -324,100 +323,6 @@ def open_study(
         ) from e
     except Exception as e:  # the database went away between connecting and creating
         raise StudyError(f"Cannot open study '{study_name}' in {url}: {e}") from e
-
-
-FINGERPRINT_ATTR = "heretic_fingerprint"
-"""Study user attribute: the settings that define the objective, recorded by the first run."""
-FINGERPRINT_SETTINGS = (
-    "model",
-    "gguf_file",
-    "system_prompt",
-    "max_response_length",
-    "refusal_markers",
-    "ignore_echoed_markers",
-    "refusal_judge",
-    "direction_method",
-    "min_weight",
-    "max_weight",
-    "search_space",
-    "direction_scope",
-    "row_normalization",
-    "readout",
-    "good_prompts",
-    "bad_prompts",
-    "good_evaluation_prompts",
-    "bad_evaluation_prompts",
-)
-"""Settings whose change makes old and new trial scores incomparable. Others (n_trials,
-batch size, select, dtype, device) can change between runs of one study."""
-
-
-EXTRA_FINGERPRINT_SETTINGS = {
-    "orthogonalize_good_mean": (),
-    "use_supervised_probing": (
-        "probe_l2",
-        "min_probe_accuracy",
-        "ensemble_probe_pca",
-        "probe_weight",
-        "probe_response_length",
-    ),
-    "orthogonalize_directions": ("helpful_prompts", "unhelpfulness_prompts"),
-    "use_sacred_directions": (
-        "n_sacred_directions",
-        "sacred_alpha",
-        "sacred_prompts",
-        "sacred_baseline_prompts",
-    ),
-}
-"""Direction extras change the directions, hence the scores: each switch and its settings join
-the fingerprint when the switch is on (so studies made without extras keep matching)."""
-
-
-def objective_fingerprint(settings: BaseModel) -> dict[str, Any]:
-    """The values of FINGERPRINT_SETTINGS (and of the direction extras in use), JSON-ready."""
-    dumped = settings.model_dump(mode="json")
-    fingerprint = {name: dumped[name] for name in FINGERPRINT_SETTINGS if name in dumped}
-    for switch, names in EXTRA_FINGERPRINT_SETTINGS.items():
-        if dumped.get(switch):
-            fingerprint[switch] = True
-            fingerprint.update({name: dumped[name] for name in names})
-    if dumped.get("readout") == "fitted":
-        fingerprint["readout_ridge"] = dumped["readout_ridge"]
-    return fingerprint
-
-
-def check_fingerprint(
-    study: optuna.Study, fingerprint: dict[str, Any], force: bool = False
-) -> list[str]:
-    """Record the fingerprint in a new study; compare it with an existing study's.
-
-    Returns the differences (one readable line each). Raises `StudyError` listing them unless
-    `force`, in which case the study takes the new fingerprint (and remembers it was forced),
-    so later runs with the new settings need no `--force`.
-    """
-    stored = study.user_attrs.get(FINGERPRINT_ATTR)
-    if stored is None:
-        study.set_user_attr(FINGERPRINT_ATTR, fingerprint)
-        return []
-    differences = [
-        f"{name}: study has {stored.get(name)!r}, this run has {fingerprint.get(name)!r}"
-        for name in sorted(set(stored) | set(fingerprint))
-        if stored.get(name) != fingerprint.get(name)
-    ]
-    if not differences:
-        return []
-    if not force:
-        raise StudyError(
-            f"Study '{study.study_name}' was created with different settings, so its trials "
-            "are not comparable with this run's:\n  "
-            + "\n  ".join(differences)
-            + "\nRerun with the study's settings, use another --study-name or --output-dir, "
-            "or pass --force to continue it anyway."
-        )
-    study.set_user_attr(FINGERPRINT_ATTR, fingerprint)
-    forced = list(study.user_attrs.get("heretic_forced_changes", []))
-    study.set_user_attr("heretic_forced_changes", forced + differences)
-    return differences
 
 
 PRUNED_ATTR = "pruned"

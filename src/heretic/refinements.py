@@ -11,9 +11,7 @@ extras"): every refinement is off by default unless the numbers there say it hel
 
 from __future__ import annotations
 
-import hashlib
-import json
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -49,39 +47,6 @@ def extra_prompt_sets(settings: Settings) -> tuple[str, ...]:
     if settings.use_sacred_directions:
         names += SACRED_SETS
     return names
-
-
-def extras_metadata(settings: Settings, prompts: Mapping[str, list[str]]) -> dict[str, str]:
-    """What the refinements were made with, for the directions file: a file is reused only
-    when these match, so turning a refinement on (or changing its settings) recomputes."""
-    extras: dict[str, object] = {"system_prompt": settings.system_prompt}
-    extras["use_supervised_probing"] = settings.use_supervised_probing
-    if settings.use_supervised_probing:
-        extras.update(
-            probe_l2=settings.probe_l2,
-            min_probe_accuracy=settings.min_probe_accuracy,
-            ensemble_probe_pca=settings.ensemble_probe_pca,
-            probe_weight=settings.probe_weight,
-            probe_response_length=settings.probe_response_length,
-            refusal_markers=settings.refusal_markers,
-            seed=settings.seed,
-        )
-    extras["orthogonalize_directions"] = settings.orthogonalize_directions
-    if settings.orthogonalize_good_mean:  # only when on: files made before it stay valid
-        extras["orthogonalize_good_mean"] = True
-    if settings.readout == "fitted":
-        extras.update(readout="fitted", readout_ridge=settings.readout_ridge)
-    extras["use_sacred_directions"] = settings.use_sacred_directions
-    if settings.use_sacred_directions:
-        extras.update(
-            n_sacred_directions=settings.n_sacred_directions, sacred_alpha=settings.sacred_alpha
-        )
-    names = extra_prompt_sets(settings)
-    digest = hashlib.sha256(json.dumps([prompts[n] for n in names]).encode()).hexdigest()
-    return {
-        "extras": json.dumps(extras, sort_keys=True),
-        "extra_prompts_sha256": digest,
-    }
 
 
 @dataclass
