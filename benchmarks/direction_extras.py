@@ -64,9 +64,11 @@ def prompt_specs() -> dict[str, dict[str, str]]:
 
 def lowest_refusals(study):
     """The finished trial with the fewest refusals, the lowest KL among those."""
-    from heretic.optimization import pareto_front
+    from heretic.optimization import objectives, pareto_front
 
-    return min(pareto_front(study), key=lambda t: (t.values[1], t.values[0]))
+    return min(
+        pareto_front(study), key=lambda t: (objectives(t).refusals, objectives(t).kl_divergence)
+    )
 
 
 def capability_kl(model, base_logprobs, prompts, directions, trial) -> float:
@@ -101,6 +103,7 @@ def main() -> None:
     from heretic.config import DatasetSpecification, load_settings
     from heretic.directions import DIRECTIONS_FILE, load_directions
     from heretic.model import load_model
+    from heretic.optimization import objectives
     from heretic.prompts import load_prompts
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -146,8 +149,8 @@ def main() -> None:
         notes = re.findall(NOTES, log_path.read_text())
         rows.append((name, result.base_refusals, best, cap, seconds, notes))
         print(
-            f"{name}: refusals {int(best.values[1])}/{result.n_bad_evaluation_prompts} "
-            f"KL {best.values[0]:.4f} capability KL {cap:.4f} ({seconds:.0f} s)",
+            f"{name}: refusals {objectives(best).refusals}/{result.n_bad_evaluation_prompts} "
+            f"KL {objectives(best).kl_divergence:.4f} capability KL {cap:.4f} ({seconds:.0f} s)",
             flush=True,
         )
 
@@ -158,7 +161,8 @@ def main() -> None:
     print("| --- | ---: | ---: | ---: | ---: | ---: |")
     for name, base, best, cap, seconds, _ in rows:
         print(
-            f"| {name} | {base}/100 | {int(best.values[1])}/100 | {best.values[0]:.4f} | "
+            f"| {name} | {base}/100 | {objectives(best).refusals}/100 | "
+            f"{objectives(best).kl_divergence:.4f} | "
             f"{cap:.4f} | {seconds / 60:.1f} min |"
         )
     print()

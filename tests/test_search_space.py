@@ -20,16 +20,24 @@ from heretic.directions import normalize
 from heretic.discovery import discover_sites
 from heretic.edit import EditHooks, TrialEdit, merge_edit, restore_weights
 from heretic.errors import StudyError
+from heretic.evaluation import Score
 from heretic.fingerprint import check_study_key, study_key
 from heretic.optimization import (
+    OBJECTIVES,
+    PROFILE_PARAMS,
     WARM_START_ATTR,
     WARM_STARTS,
+    Objectives,
     SearchSpace,
     WarmStart,
+    best_trial,
     enqueue_warm_starts,
     model_family,
+    objectives,
     open_study,
     params_from_trial,
+    pareto_front,
+    run_search,
 )
 from heretic.sites import ATTN, COMPONENTS, MLP
 
@@ -139,6 +147,32 @@ def test_params_from_trial_rebuilds_what_was_sampled(profile, scope):
         assert all(params_from_trial(t).direction_index is None for t in study.trials)
 
 
+@pytest.mark.parametrize("profile", ["tent", "range"])
+@pytest.mark.parametrize("scope", ["per_layer", "global", "search"])
+def test_a_trial_samples_exactly_the_parameters_of_the_table(profile, scope):
+    study = optuna.create_study(directions=["minimize", "minimize"])
+    space = SearchSpace(layer_profile=profile, direction_scope=scope, n_layers=30)
+    trial = study.ask()
+    space.suggest(trial)
+    bounds = space.bounds()
+    expected = {f"{c}.{name}" for c in COMPONENTS for name in PROFILE_PARAMS[profile]}
+    if scope != "per_layer":
+        expected.add("direction_index")
+    assert set(bounds) == expected
+    assert set(trial.params) == expected | ({"direction_scope"} if scope == "search" else set())
+    for name, (low, high) in bounds.items():
+        assert low <= trial.params[name] <= high, name
+
+
+def test_a_trial_without_heretics_parameters_is_named():
+    study = optuna.create_study(directions=["minimize", "minimize"])
+    trial = study.ask()
+    trial.suggest_float("x", 0.0, 1.0)
+    study.tell(trial, [0.0, 0.0])
+    with pytest.raises(StudyError, match="Trial 0 has none of heretic's edit parameters \\(x\\)"):
+        params_from_trial(study.trials[0])
+
+
 def test_global_scope_without_layer_count_is_refused():
     with pytest.raises(ValueError, match="layer count"):
         SearchSpace(direction_scope="global")
@@ -227,6 +261,58 @@ def test_resumed_study_with_another_search_space_is_refused(tmp_path):
         )
     same = Settings(model="m", search_space="tent")
     assert check_study_key(study, study_key(same)) == []
+
+
+# ----- objectives, and studies made by earlier versions --------------------------------------
+
+
+def _old_study(url: str, metric_names: list[str] | None = None) -> None:
+    """A study as heretic made it before its objectives were named: two minimized values per
+    trial, read by position."""
+    study = optuna.create_study(
+        study_name="heretic", storage=url, directions=["minimize", "minimize"]
+    )
+    if metric_names is not None:
+        study.set_metric_names(metric_names)
+    distribution = optuna.distributions.FloatDistribution(0.0, 1.0)
+    for kl, refusals in ((0.2, 3.0), (0.05, 9.0), (0.3, 4.0)):
+        params = {f"{c}.{n}": 0.5 for c in COMPONENTS for n in ("layer_min", "layer_span")}
+        params.update({f"{c}.weight": 1.0 for c in COMPONENTS})
+        study.add_trial(
+            optuna.trial.create_trial(
+                params=params,
+                distributions=dict.fromkeys(params, distribution),
+                values=[kl, refusals],
+            )
+        )
+
+
+def test_a_study_made_before_the_objectives_were_named_resumes(tmp_path):
+    url = f"sqlite:///{tmp_path / 'study.db'}"
+    _old_study(url)
+    study = open_study(url, "heretic", 0, 1, None)
+    assert tuple(study.metric_names) == OBJECTIVES
+    assert [objectives(t) for t in pareto_front(study)] == [
+        Objectives(0.2, 3),
+        Objectives(0.05, 9),
+    ]
+    assert best_trial(pareto_front(study), base_refusals=10).number == 0
+    assert params_from_trial(study.trials[0]).components[ATTN].weight == 1.0
+
+    def score(params, dominated):
+        return Score(kl_divergence=0.1, refusals=2)
+
+    assert run_search(study, 4, SearchSpace(n_layers=4), score) == 1
+    assert objectives(study.trials[-1]) == Objectives(0.1, 2)
+    assert objectives(pareto_front(open_study(url, "heretic", 0, 1, None))[0]).refusals == 2
+
+
+@pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning")
+def test_a_study_of_other_objectives_is_refused(tmp_path):
+    url = f"sqlite:///{tmp_path / 'study.db'}"
+    _old_study(url, ["loss", "latency"])
+    with pytest.raises(StudyError, match="measures loss, latency, not heretic's kl_divergence"):
+        open_study(url, "heretic", 0, 1, None)
 
 
 # ----- end to end ----------------------------------------------------------------------------

@@ -53,6 +53,7 @@ from heretic.optimization import (
     enqueue_warm_starts,
     finished_trials,
     model_family,
+    objectives,
     open_study,
     params_from_trial,
     pareto_front,
@@ -123,10 +124,11 @@ def front_table(front, base_refusals: int, n_bad: int) -> Table:
     table.add_column("parameters")
     for t in front:
         text = describe_params(params_from_trial(t))
-        refusals = f"{int(t.values[1])}/{n_bad}"
+        score = objectives(t)
+        refusals = f"{score.refusals}/{n_bad}"
         if did_nothing(t, base_refusals):
             refusals += " (did nothing)"
-        table.add_row(str(t.number), refusals, f"{t.values[0]:.4f}", text)
+        table.add_row(str(t.number), refusals, f"{score.kl_divergence:.4f}", text)
     table.caption = (
         f"base model: {base_refusals}/{n_bad} refusals, KL 0; 'did nothing': above 90% of "
         "the base refusals, never chosen by --select best while another point exists"
@@ -523,8 +525,8 @@ def _search(settings: Settings, study, model: Model, hooks, evaluator: Evaluator
             front = pareto_front(study)
             best = best_trial(front, evaluator.base_refusals) if front else None
             best_text = (
-                f"best: trial {best.number}, {int(best.values[1])} refusals, "
-                f"KL {best.values[0]:.3f}"
+                f"best: trial {best.number}, {objectives(best).refusals} refusals, "
+                f"KL {objectives(best).kl_divergence:.3f}"
                 if best
                 else "best: none yet"
             )

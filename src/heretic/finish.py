@@ -41,6 +41,7 @@ from heretic.optimization import (
     REFUSALS_ATTR,
     completed_trials,
     finished_trials,
+    objectives,
     params_from_trial,
     pareto_front,
 )
@@ -346,9 +347,9 @@ class Finisher:
 
 def trial_label(trial: FrozenTrial, n_bad: int) -> str:
     text = describe_params(params_from_trial(trial), short=True)
+    kl_divergence, refusals = objectives(trial)
     return (
-        f"trial {trial.number:>3}: {int(trial.values[1]):>3}/{n_bad} refusals, "
-        f"KL {trial.values[0]:.4f}  ({text})"
+        f"trial {trial.number:>3}: {refusals:>3}/{n_bad} refusals, KL {kl_divergence:.4f}  ({text})"
     )
 
 
@@ -359,6 +360,4 @@ def trial_choices(front: Sequence[FrozenTrial], n_bad: int) -> list[tuple[str, i
 def scored_points(study) -> list[TrialPoint]:
     """Every fully scored trial. Pruned trials are left out: their refusal counts are only
     lower bounds, so plotting them as points would misstate what they scored."""
-    return [
-        TrialPoint(t.number, float(t.values[0]), int(t.values[1])) for t in completed_trials(study)
-    ]
+    return [TrialPoint(t.number, *objectives(t)) for t in completed_trials(study)]

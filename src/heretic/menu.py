@@ -13,6 +13,7 @@ from typing import Any, Protocol
 
 from heretic.errors import HereticError
 from heretic.finish import Finisher, trial_choices
+from heretic.optimization import objectives
 
 MORE = "more"
 QUIT = "quit"
@@ -118,7 +119,8 @@ def _trial_menu(finisher: Finisher, asker: Asker, trial) -> None:
         saved = " (saved)" if finisher.saved_trial == trial.number else ""
         action = asker.select(
             f"Trial {trial.number}{saved}: "
-            f"{int(trial.values[1])}/{finisher.n_bad} refusals, KL {trial.values[0]:.4f}",
+            f"{objectives(trial).refusals}/{finisher.n_bad} refusals, "
+            f"KL {objectives(trial).kl_divergence:.4f}",
             [
                 (f"Save to {settings.output_dir} ({', '.join(finisher.formats())})", SAVE),
                 ("Upload to Hugging Face", UPLOAD),

@@ -8,9 +8,10 @@ plain function of the parameters; everything model-specific comes in as a callab
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import optuna
 from optuna.trial import FrozenTrial, TrialState
@@ -30,6 +31,20 @@ from heretic.workers import (
 
 KL_ATTR = "kl_divergence"
 REFUSALS_ATTR = "refusals"
+OBJECTIVES = (KL_ATTR, REFUSALS_ATTR)
+"""The study's objectives (both minimized, and the study's metric names), in the order Optuna
+keeps a trial's values; `objectives` reads them."""
+
+
+class Objectives(NamedTuple):
+    kl_divergence: float
+    refusals: int
+
+
+def objectives(trial: FrozenTrial) -> Objectives:
+    """A scored trial's KL divergence and refusal count: the one reader of `trial.values`."""
+    kl_divergence, refusals = trial.values
+    return Objectives(float(kl_divergence), int(refusals))
 
 
 LAYER_PROFILES = ("range", "tent")
@@ -52,6 +67,36 @@ DIRECTION_POSITION = (0.4, 0.9)
 """Ranges (fractions of depth) for the tent's peak, its width and the global direction's layer:
 refusal is told apart best a little past the middle of the stack (Arditi et al. 2024,
 arXiv:2406.11717); upstream Heretic searches the same ranges."""
+
+
+PROFILE_PARAMS: dict[str, tuple[str, ...]] = {
+    "tent": ("peak_weight", "peak_position", "floor_fraction", "width"),
+    "range": ("layer_min", "layer_span", "weight"),
+}
+"""Each layer profile's Optuna parameters per component (named `COMPONENT.PARAM`), in the
+order they are sampled. `SearchSpace.bounds` gives their ranges and `decode_profile` the
+profile they stand for: the three places that know a parameter's name."""
+DIRECTION_SCOPE_PARAM = "direction_scope"
+DIRECTION_INDEX_PARAM = "direction_index"
+
+
+def param_name(component: str, param: str) -> str:
+    return f"{component}.{param}"
+
+
+def decode_profile(layer_profile: str, values: Mapping[str, float]) -> LayerProfile:
+    """One component's profile from its parameters (`PROFILE_PARAMS`, without the prefix).
+
+    The tent's floor is sampled as a fraction of its peak and the range's end as a span above
+    its start, so that every sample is valid under multivariate TPE (which cannot handle
+    bounds that depend on other parameters)."""
+    if layer_profile == "tent":
+        peak = values["peak_weight"]
+        return TentParams(
+            peak, values["peak_position"], values["floor_fraction"] * peak, values["width"]
+        )
+    start = values["layer_min"]
+    return ComponentParams(start, min(1.0, start + values["layer_span"]), values["weight"])
 
 
 @dataclass(frozen=True)
@@ -104,27 +149,40 @@ class SearchSpace:
         last = self.n_layers - 1
         return DIRECTION_POSITION[0] * last, DIRECTION_POSITION[1] * last
 
+    def component_bounds(self) -> dict[str, tuple[float, float]]:
+        """Each profile parameter's range (without the component prefix), in sampling order."""
+        if self.layer_profile == "tent":
+            ranges = (self.peak_bounds, TENT_PEAK_POSITION, (0.0, 1.0), self.width_bounds)
+        else:
+            ranges = ((0.0, 1.0), (0.0, 1.0), (self.min_weight, self.max_weight))
+        return dict(zip(PROFILE_PARAMS[self.layer_profile], ranges, strict=True))
+
+    def bounds(self) -> dict[str, tuple[float, float]]:
+        """Every float parameter a trial in this space samples, with its range."""
+        per_component = self.component_bounds()
+        bounds = {
+            param_name(c, name): range_
+            for c in COMPONENTS
+            for name, range_ in per_component.items()
+        }
+        if self.direction_scope != "per_layer":
+            bounds[DIRECTION_INDEX_PARAM] = self.direction_bounds
+        return bounds
+
     def suggest(self, trial: optuna.Trial) -> EditParams:
         components: dict[str, LayerProfile] = {}
         for c in COMPONENTS:
-            if self.layer_profile == "tent":
-                peak = trial.suggest_float(f"{c}.peak_weight", *self.peak_bounds)
-                position = trial.suggest_float(f"{c}.peak_position", *TENT_PEAK_POSITION)
-                floor = trial.suggest_float(f"{c}.floor_fraction", 0.0, 1.0)
-                width = trial.suggest_float(f"{c}.width", *self.width_bounds)
-                components[c] = TentParams(peak, position, floor * peak, width)
-            else:
-                # layer_max is sampled as a span above layer_min: every sample is a valid range.
-                layer_min = trial.suggest_float(f"{c}.layer_min", 0.0, 1.0)
-                span = trial.suggest_float(f"{c}.layer_span", 0.0, 1.0)
-                weight = trial.suggest_float(f"{c}.weight", self.min_weight, self.max_weight)
-                components[c] = ComponentParams(layer_min, min(1.0, layer_min + span), weight)
+            values = {
+                name: trial.suggest_float(param_name(c, name), *range_)
+                for name, range_ in self.component_bounds().items()
+            }
+            components[c] = decode_profile(self.layer_profile, values)
         index = None
         if self.direction_scope != "per_layer":
             scope = "global"
             if self.direction_scope == "search":
-                scope = trial.suggest_categorical("direction_scope", ["global", "per_layer"])
-            index = trial.suggest_float("direction_index", *self.direction_bounds)
+                scope = trial.suggest_categorical(DIRECTION_SCOPE_PARAM, ["global", "per_layer"])
+            index = trial.suggest_float(DIRECTION_INDEX_PARAM, *self.direction_bounds)
             if scope == "per_layer":
                 index = None
         return EditParams(components, index)
@@ -137,31 +195,20 @@ class SearchSpace:
         if (profile.direction_position is None) != (self.direction_scope == "per_layer"):
             if self.direction_scope != "search":
                 return None
-        params: dict[str, Any] = {}
-        bounds: dict[str, tuple[float, float]] = {}
-        for c in COMPONENTS:
-            for name, value in profile.components[c].items():
-                params[f"{c}.{name}"] = value
-        if self.layer_profile == "tent":
-            for c in COMPONENTS:
-                bounds[f"{c}.peak_weight"] = self.peak_bounds
-                bounds[f"{c}.peak_position"] = TENT_PEAK_POSITION
-                bounds[f"{c}.floor_fraction"] = (0.0, 1.0)
-                bounds[f"{c}.width"] = self.width_bounds
-        else:
-            for c in COMPONENTS:
-                bounds[f"{c}.layer_min"] = (0.0, 1.0)
-                bounds[f"{c}.layer_span"] = (0.0, 1.0)
-                bounds[f"{c}.weight"] = (self.min_weight, self.max_weight)
+        params: dict[str, Any] = {
+            param_name(c, name): value
+            for c in COMPONENTS
+            for name, value in profile.components[c].items()
+        }
+        bounds = self.bounds()
         if self.direction_scope != "per_layer":
             position = profile.direction_position
             if self.direction_scope == "search":
-                params["direction_scope"] = "per_layer" if position is None else "global"
+                params[DIRECTION_SCOPE_PARAM] = "per_layer" if position is None else "global"
             if position is None:  # per-layer trial in a "search" space: any valid index
                 position = sum(DIRECTION_POSITION) / 2
-            params["direction_index"] = position * (self.n_layers - 1)
-            bounds["direction_index"] = self.direction_bounds
-        if set(params) - {"direction_scope"} != set(bounds):
+            params[DIRECTION_INDEX_PARAM] = position * (self.n_layers - 1)
+        if set(params) - {DIRECTION_SCOPE_PARAM} != set(bounds):
             return None
         for name, (low, high) in bounds.items():
             if not low - 1e-9 <= params[name] <= high + 1e-9:
@@ -173,21 +220,23 @@ def params_from_trial(trial: FrozenTrial) -> EditParams:
     """Rebuild the edit parameters a finished trial was scored with (from its parameter names,
     so a study remembers its own space whatever the current settings say)."""
     p = trial.params
-    components: dict[str, LayerProfile] = {}
-    for c in COMPONENTS:
-        if f"{c}.peak_weight" in p:
-            peak = p[f"{c}.peak_weight"]
-            components[c] = TentParams(
-                peak, p[f"{c}.peak_position"], p[f"{c}.floor_fraction"] * peak, p[f"{c}.width"]
-            )
-        else:
-            components[c] = ComponentParams(
-                p[f"{c}.layer_min"],
-                min(1.0, p[f"{c}.layer_min"] + p[f"{c}.layer_span"]),
-                p[f"{c}.weight"],
-            )
-    index = p.get("direction_index")
-    if p.get("direction_scope", "global") != "global":
+    layer_profile = next(
+        (lp for lp, names in PROFILE_PARAMS.items() if param_name(COMPONENTS[0], names[0]) in p),
+        None,
+    )
+    if layer_profile is None:
+        raise StudyError(
+            f"Trial {trial.number} has none of heretic's edit parameters ({', '.join(p)}): the "
+            "study was not made by heretic; use another --study-name or --storage."
+        )
+    components = {
+        c: decode_profile(
+            layer_profile, {name: p[param_name(c, name)] for name in PROFILE_PARAMS[layer_profile]}
+        )
+        for c in COMPONENTS
+    }
+    index = p.get(DIRECTION_INDEX_PARAM)
+    if p.get(DIRECTION_SCOPE_PARAM, "global") != "global":
         index = None
     return EditParams(components, index)
 
@@ -309,20 +358,38 @@ def open_study(
         multivariate=True,
     )
     try:
-        return optuna.create_study(
+        study = optuna.create_study(
             study_name=study_name,
             storage=storage,
             sampler=sampler,
-            directions=["minimize", "minimize"],
+            directions=["minimize"] * len(OBJECTIVES),
             load_if_exists=True,
         )
+        _name_objectives(study, url)
+        return study
     except ValueError as e:
         raise StudyError(
             f"Study '{study_name}' in {url} is not a (KL, refusals) heretic study: {e}. "
             "Use another --study-name or --storage."
         ) from e
+    except StudyError:
+        raise
     except Exception as e:  # the database went away between connecting and creating
         raise StudyError(f"Cannot open study '{study_name}' in {url}: {e}") from e
+
+
+def _name_objectives(study: optuna.Study, url: str) -> None:
+    """Name the objectives of a new study, and of one made before heretic named them."""
+    names = study.metric_names
+    if names is None:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            study.set_metric_names(list(OBJECTIVES))
+    elif tuple(names) != OBJECTIVES:
+        raise StudyError(
+            f"Study '{study.study_name}' in {url} measures {', '.join(names)}, not heretic's "
+            f"{', '.join(OBJECTIVES)}: use another --study-name or --storage."
+        )
 
 
 PRUNED_ATTR = "pruned"
@@ -341,11 +408,12 @@ def completed_trials(study: optuna.Study) -> list[FrozenTrial]:
 
 def dominated_by(front: list[FrozenTrial], kl: float, refusals: int) -> bool:
     """True when some front point is at least as good on both objectives and better on one."""
+    points = [objectives(t) for t in front]
     return any(
-        t.values[0] <= kl
-        and t.values[1] <= refusals
-        and (t.values[0] < kl or t.values[1] < refusals)
-        for t in front
+        p.kl_divergence <= kl
+        and p.refusals <= refusals
+        and (p.kl_divergence < kl or p.refusals < refusals)
+        for p in points
     )
 
 
@@ -399,7 +467,8 @@ def run_search(
             if base_refusals is not None:
                 excess = result.refusals - DO_NOTHING_FRACTION * base_refusals
                 trial.set_constraint(DO_NOTHING_CONSTRAINT, excess)
-            frozen = study.tell(trial, [result.kl_divergence, float(result.refusals)])
+            values = {KL_ATTR: result.kl_divergence, REFUSALS_ATTR: float(result.refusals)}
+            frozen = study.tell(trial, [values[name] for name in OBJECTIVES])
         ran += 1
         if on_trial is not None:
             on_trial(frozen, len(finished_trials(study)))
@@ -422,8 +491,8 @@ def pareto_front(study: optuna.Study) -> list[FrozenTrial]:
     front = study.best_trials
     if not front:
         scored = completed_trials(study)
-        front = [t for t in scored if not dominated_by(scored, t.values[0], int(t.values[1]))]
-    return sorted(front, key=lambda t: (t.values[1], t.values[0]))
+        front = [t for t in scored if not dominated_by(scored, *objectives(t))]
+    return sorted(front, key=lambda t: (objectives(t).refusals, objectives(t).kl_divergence))
 
 
 def did_nothing(trial: FrozenTrial, base_refusals: int) -> bool:
@@ -433,7 +502,7 @@ def did_nothing(trial: FrozenTrial, base_refusals: int) -> bool:
     refusal count; it is on the Pareto front (nothing has lower KL) and, with few refusals to
     remove, can even be the point nearest the origin. It is never the edit anyone wants.
     """
-    return trial.values[1] > DO_NOTHING_FRACTION * base_refusals
+    return objectives(trial).refusals > DO_NOTHING_FRACTION * base_refusals
 
 
 def best_trial(front: list[FrozenTrial], base_refusals: int) -> FrozenTrial:
@@ -446,7 +515,12 @@ def best_trial(front: list[FrozenTrial], base_refusals: int) -> FrozenTrial:
         raise StudyError("The study has no finished trials to choose from.")
     scale = max(base_refusals, 1)
     candidates = [t for t in front if not did_nothing(t, base_refusals)] or front
-    return min(candidates, key=lambda t: math.hypot(t.values[0], t.values[1] / scale))
+
+    def distance(trial: FrozenTrial) -> float:
+        kl_divergence, refusals = objectives(trial)
+        return math.hypot(kl_divergence, refusals / scale)
+
+    return min(candidates, key=distance)
 
 
 def trial_by_number(study: optuna.Study, number: int) -> FrozenTrial:
