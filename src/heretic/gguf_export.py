@@ -19,7 +19,7 @@ import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -205,42 +205,52 @@ def write_edited_gguf(
     arch = arch_field.contents()
 
     with atomic_file(destination, "the edited GGUF file") as tmp:
-        writer = gguf.GGUFWriter(tmp, arch, endianess=reader.endianess)
-        for field in reader.fields.values():
-            # GGUF.* are the header's virtual fields; the writer adds the architecture itself.
-            if field.name.startswith("GGUF.") or field.name == gguf.Keys.General.ARCHITECTURE:
-                continue
-            value_type = field.types[0]
-            sub_type = field.types[-1] if value_type == gguf.GGUFValueType.ARRAY else None
-            writer.add_key_value(field.name, field.contents(), value_type, sub_type=sub_type)
-            if field.name == gguf.Keys.General.ALIGNMENT:
-                writer.data_alignment = int(field.contents())
-        for tensor in reader.tensors:
-            if tensor.name in replaced:
-                data, qtype = replaced[tensor.name]
-                writer.add_tensor_info(tensor.name, data.shape, data.dtype, data.nbytes, qtype)
-            else:
-                writer.add_tensor_info(
-                    tensor.name,
-                    tensor.data.shape,
-                    tensor.data.dtype,
-                    tensor.data.nbytes,
-                    tensor.tensor_type,
-                )
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_ti_data_to_file()
-        for tensor in reader.tensors:
-            if tensor.name in replaced:
-                writer.write_tensor_data(replaced[tensor.name][0])
-            else:
-                writer.write_tensor_data(tensor.data, tensor_endianess=reader.endianess)
-        writer.close()
+        _write_copy(reader, replaced, arch, tmp)
     return GGUFExportReport(
         path=destination,
         edited={name: qtype.name for name, (_, qtype) in replaced.items()},
         copied=len(reader.tensors) - len(replaced),
     )
+
+
+def _write_copy(
+    reader: Any, replaced: Mapping[str, tuple[np.ndarray, Any]], arch: str, path: Path
+) -> None:
+    """Write `reader`'s metadata and tensors to `path`, with the tensors in `replaced` swapped
+    for their edited data and type."""
+    import gguf
+
+    writer = gguf.GGUFWriter(path, arch, endianess=reader.endianess)
+    for field in reader.fields.values():
+        # GGUF.* are the header's virtual fields; the writer adds the architecture itself.
+        if field.name.startswith("GGUF.") or field.name == gguf.Keys.General.ARCHITECTURE:
+            continue
+        value_type = field.types[0]
+        sub_type = field.types[-1] if value_type == gguf.GGUFValueType.ARRAY else None
+        writer.add_key_value(field.name, field.contents(), value_type, sub_type=sub_type)
+        if field.name == gguf.Keys.General.ALIGNMENT:
+            writer.data_alignment = int(field.contents())
+    for tensor in reader.tensors:
+        if tensor.name in replaced:
+            data, qtype = replaced[tensor.name]
+            writer.add_tensor_info(tensor.name, data.shape, data.dtype, data.nbytes, qtype)
+        else:
+            writer.add_tensor_info(
+                tensor.name,
+                tensor.data.shape,
+                tensor.data.dtype,
+                tensor.data.nbytes,
+                tensor.tensor_type,
+            )
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_ti_data_to_file()
+    for tensor in reader.tensors:
+        if tensor.name in replaced:
+            writer.write_tensor_data(replaced[tensor.name][0])
+        else:
+            writer.write_tensor_data(tensor.data, tensor_endianess=reader.endianess)
+    writer.close()
 
 
 def output_name(source: Path) -> str:
