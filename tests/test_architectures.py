@@ -50,7 +50,7 @@ def _ids(model, seed: int = 3) -> torch.Tensor:
 
 def _logits(model, ids: torch.Tensor) -> torch.Tensor:
     with torch.no_grad():
-        return model.model(input_ids=ids).logits.float()
+        return model.model(input_ids=ids, use_cache=False).logits.float()
 
 
 def _edit(model, mode: str) -> TrialEdit:
@@ -168,29 +168,88 @@ def test_row_dropping_generation_and_layer_replay(family):
     assert torch.equal(full, replayed), name
 
 
+def _block_class(model: torch.nn.Module, site) -> str:
+    """The class of the layer's child that holds a site (its attention, Mamba mixer, MLP...)."""
+    layer = find_decoder_layers(model)[site.layer]
+    for child in layer.children():
+        if any(m is site.module for m in child.modules()):
+            return type(child).__name__
+    return type(site.module).__name__
+
+
 def supported_table() -> str:
-    """The README's table of supported families: what each layer kind is, and the exports."""
+    """The README's table of supported families: what writes into the residual stream in each
+    (the layer's child that holds each site), and the exports besides merged safetensors."""
     lines = [
-        "| family | token mixer | channel mixer | exports |",
+        "| family | token mixers | channel mixers | LoRA adapter |",
         "| --- | --- | --- | --- |",
     ]
     for name in sorted(FAMILIES):
         model = tiny_model(name)
-
         sites = discover_sites(model)
         kinds = {
-            c: sorted({type(s.module).__name__ for s in sites if s.component == c})
+            c: sorted({_block_class(model, s) for s in sites if s.component == c})
             for c in COMPONENTS
         }
-        linear_only = all(s.is_linear for s in sites)
-        exports = "merged, LoRA adapter" if linear_only else "merged"
-        if is_multimodal(name):
-            exports += " (with processor)"
+        adapter = "yes" if all(s.is_linear for s in sites) else "no (experts)"
         token, channel = (", ".join(kinds[c]) or "-" for c in COMPONENTS)
-        lines.append(f"| {name} | {token} | {channel} | {exports} |")
+        label = f"{name} (vision-language)" if is_multimodal(name) else name
+        lines.append(f"| {label} | {token} | {channel} | {adapter} |")
     return "\n".join(lines)
 
 
 if __name__ == "__main__":
     sys.path.insert(0, str(Path(__file__).parent))
+    torch.set_num_threads(1)
     print(supported_table())
+
+
+def test_a_vision_language_output_keeps_its_processor_and_takes_images(
+    chat_tokenizer_dir, tmp_path
+):
+    """A Llava checkpoint with a real processor: heretic loads the whole model and the
+    processor, edits the text decoder only, and the merged output loads with the same class and
+    still answers a prompt with an image."""
+    import numpy as np
+    from transformers import (
+        AutoProcessor,
+        AutoTokenizer,
+        CLIPImageProcessor,
+        LlavaForConditionalGeneration,
+        LlavaProcessor,
+    )
+
+    torch.set_num_threads(1)
+    tokenizer = AutoTokenizer.from_pretrained(chat_tokenizer_dir)
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<image>"]})
+    image_token = tokenizer.convert_tokens_to_ids("<image>")
+    net = tiny_model("llava", vocab_size=len(tokenizer))
+    net.config.image_token_id = image_token
+    processor = LlavaProcessor(
+        image_processor=CLIPImageProcessor(size={"shortest_edge": 32}, crop_size=32),
+        tokenizer=tokenizer,
+        patch_size=8,
+        num_additional_image_tokens=1,  # CLIP's class token
+        vision_feature_select_strategy=net.config.vision_feature_select_strategy,
+        chat_template=tokenizer.chat_template,
+    )
+    source = tmp_path / "source"
+    net.save_pretrained(source)
+    processor.save_pretrained(source)
+
+    model = load_model(str(source), dtype="float32")
+    assert model.processor is not None
+    vision = {n for n, _ in model.model.named_parameters() if "vision" in n}
+    assert vision and not any("vision" in site.name for site in model.sites)
+    edit = _edit(model, "plain")
+    merge_edit(model.sites, edit)
+    write_model_files(model.model, model.tokenizer, tmp_path / "out", model.processor)
+
+    reloaded = LlavaForConditionalGeneration.from_pretrained(tmp_path / "out")
+    reprocessor = AutoProcessor.from_pretrained(tmp_path / "out")
+    image = (np.random.default_rng(0).random((32, 32, 3)) * 255).astype("uint8")
+    inputs = reprocessor(images=image, text="<image> What is this?", return_tensors="pt")
+    with torch.no_grad():
+        logits = reloaded(**inputs).logits
+    assert torch.isfinite(logits).all()
+    assert inputs["pixel_values"].shape[-1] == 32
