@@ -22,7 +22,7 @@ from rich.progress import (
 from rich.table import Table
 
 from heretic.abliteration import describe_params, edit_from_params, first_edited_layer
-from heretic.checks import check_prompt_count, overlap_warnings
+from heretic.checks import overlap_warnings
 from heretic.config import Settings, load_settings
 from heretic.directions import (
     DIRECTIONS_FILE,
@@ -60,7 +60,7 @@ from heretic.optimization import (
     run_search,
     trial_by_number,
 )
-from heretic.prompts import load_prompts
+from heretic.preflight import check_local_inputs, load_prompt_sets
 from heretic.refinements import (
     READOUTS_KEY,
     DirectionSet,
@@ -154,14 +154,12 @@ def _run(settings: Settings, console: Console) -> RunResult:
     seed_everything(settings.seed)
     output_dir = settings.output_dir
 
+    check_local_inputs(settings)  # before the hub is asked for anything
     console.print("[bold]Loading prompts[/]")
     # The refinements' prompt sets load only when they are on and directions are computed.
     extra_sets = () if settings.directions is not None else extra_prompt_sets(settings)
-    prompts = {
-        name: load_prompts(getattr(settings, name), name) for name in PROMPT_SETS + extra_sets
-    }
+    prompts = load_prompt_sets(settings, PROMPT_SETS + extra_sets)
     for name, values in prompts.items():
-        check_prompt_count(getattr(settings, name), values, name)
         console.print(f"  {name}: {len(values)} prompts")
     for line in overlap_warnings(prompts):
         console.print(f"[yellow]Warning:[/] {escape(line)}", highlight=False)
