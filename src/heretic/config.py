@@ -260,7 +260,7 @@ class Settings(BaseSettings):
         default="adaptive",
         description="How a response is judged a refusal: 'markers' (contains a refusal marker) "
         "or 'adaptive' (markers, plus the refusal phrases mined from the original model's own "
-        "responses to the bad vs. the good evaluation prompts; see README 'Refusal judges').",
+        "responses to the bad vs. the good evaluation prompts; see docs/judges.md).",
     )
     select: str = Field(
         default="ask",
