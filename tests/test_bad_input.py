@@ -178,6 +178,93 @@ def test_evaluation_prompts_overlapping_direction_prompts_warn(env, capsys):
     assert "Warning: 8 of the 8 good_evaluation_prompts are also good_prompts" in err
 
 
+# ----- local mistakes are named before the hub is asked for anything --------------------------
+
+
+@pytest.fixture
+def no_hub(env, monkeypatch):
+    """Any hub download fails the test: these mistakes must be found without the network."""
+    import datasets
+
+    def download(*args, **kwargs):
+        raise AssertionError(f"the hub was asked for {args[:1]} before the local checks")
+
+    monkeypatch.setattr(datasets, "load_dataset", download)
+    return env
+
+
+def hub_defaults(env, *extra: str, model: Path | str = "M") -> list[str]:
+    """The default (hub) prompt sets, changed only by `extra`."""
+    return ["--model", str(model), "--output-dir", str(env[0] / "out"), *extra]
+
+
+def test_missing_model_folder_before_the_hub(no_hub, capsys):
+    message = fails(hub_defaults(no_hub, model=no_hub[0] / "no-such-model-dir"), capsys)
+    assert "no-such-model-dir does not exist: check --model" in message
+
+
+def test_malformed_model_id_before_the_hub(no_hub, capsys):
+    message = fails(hub_defaults(no_hub, model="my model"), capsys)
+    assert "--model 'my model' is neither" in message and "Fix --model" in message
+
+
+def test_missing_directions_file_before_the_hub(no_hub, capsys):
+    message = fails(hub_defaults(no_hub, "--directions", "nope.safetensors"), capsys)
+    assert "nope.safetensors does not exist: fix --directions" in message
+
+
+@pytest.mark.parametrize(
+    "setting, content, fragment",
+    [
+        ("bad_prompts", b"", "is empty"),
+        ("bad_prompts", b"\n \n", "is empty"),
+        ("good_evaluation_prompts", b"\xff\xfe\xff\n", "is not UTF-8 text"),
+        ("bad_evaluation_prompts", None, "does not exist"),
+    ],
+)
+def test_bad_local_prompt_file_before_the_hub(no_hub, capsys, setting, content, fragment):
+    path = no_hub[0] / "prompts.txt"
+    if content is not None:
+        path.write_bytes(content)
+    flag = f"--{setting.replace('_', '-')}.dataset"
+    message = fails(hub_defaults(no_hub, flag, "prompts.txt"), capsys)
+    assert message.startswith(f"Loading prompts Error: {setting}:")
+    assert "prompts.txt" in message and fragment in message
+
+
+def test_bad_split_of_a_later_hub_set_before_the_first_download(no_hub, capsys):
+    message = fails(hub_defaults(no_hub, "--bad-evaluation-prompts.split", "[:100]"), capsys)
+    assert "bad_evaluation_prompts: split '[:100]' has no split name" in message
+
+
+def test_malformed_hub_dataset_id_before_the_first_download(no_hub, capsys):
+    message = fails(
+        hub_defaults(no_hub, "--sacred-prompts.dataset", "my prompts", "--use-sacred-directions"),
+        capsys,
+    )
+    assert "sacred_prompts: 'my prompts' is neither a local file" in message
+
+
+def test_hub_failure_names_its_set_after_the_local_sets(env, capsys, monkeypatch):
+    """Local sets load first; then a hub that cannot be reached is named with its set and with
+    the offline mode that kept it from the network."""
+    import datasets
+
+    asked = []
+
+    def unreachable(path, *args, **kwargs):
+        asked.append(path)
+        raise ConnectionError(f"Couldn't reach {path!r} on the Hub (OfflineModeIsEnabled)")
+
+    monkeypatch.setattr(datasets, "load_dataset", unreachable)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    bad = env[0] / "bad.txt"
+    message = fails(hub_defaults(env, "--bad-prompts.dataset", str(bad)), capsys)
+    assert message.startswith("Loading prompts Error: good_prompts: cannot load dataset")
+    assert "HF_HUB_OFFLINE is set" in message and "set good_prompts.dataset to a local" in message
+    assert asked == ["mlabonne/harmless_alpaca"]
+
+
 # ----- settings ------------------------------------------------------------------------------
 
 

@@ -45,6 +45,23 @@ def test_all_four_levels(workdir, monkeypatch):
     assert s.bad_prompts.column == "prompt"
 
 
+def test_a_prompt_set_given_without_its_dataset_changes_the_default_set(workdir, monkeypatch):
+    """`--bad-prompts.split "[:270]"` alone keeps the default dataset and column."""
+    s = load_settings(["--bad-prompts.split", "train[:270]"])
+    assert (s.bad_prompts.dataset, s.bad_prompts.split) == (
+        "mlabonne/harmful_behaviors",
+        "train[:270]",
+    )
+    assert s.bad_prompts.column == "text"
+    monkeypatch.setenv("HERETIC_SACRED_PROMPTS__SPLIT", "validation[:50]")
+    sacred = load_settings([]).sacred_prompts
+    assert (sacred.dataset, sacred.config, sacred.streaming) == ("cais/mmlu", "all", True)
+    assert sacred.split == "validation[:50]"
+    # A set that names its dataset starts from the plain defaults, not from the default set's.
+    own = load_settings(["--bad-prompts.dataset", "bad.json"]).bad_prompts
+    assert (own.split, own.column) == ("train", None)
+
+
 def test_config_flag_and_env(workdir, monkeypatch):
     other = workdir / "other.toml"
     other.write_text("n_trials = 11\n")

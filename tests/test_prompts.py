@@ -11,7 +11,8 @@ import pytest
 
 from heretic.config import DatasetSpecification
 from heretic.errors import DatasetError
-from heretic.prompts import SplitSlice, load_prompts, parse_split
+from heretic.prompts import load_prompts
+from heretic.splits import SplitSlice, parse_split
 
 SETTING = "bad_prompts"
 TEXT_FEATURES = datasets.Features({"text": datasets.Value("string")})

@@ -16,7 +16,7 @@ from collections.abc import Mapping, Sequence
 
 from heretic.config import DatasetSpecification
 from heretic.errors import DatasetError
-from heretic.prompts import parse_split
+from heretic.splits import parse_split
 
 EVALUATION_PAIRS = (
     ("good_evaluation_prompts", "good_prompts"),

@@ -11,18 +11,10 @@ from pathlib import Path
 import torch
 from rich.console import Console
 from rich.markup import escape
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    TextColumn,
-    TimeElapsedColumn,
-    TimeRemainingColumn,
-)
 from rich.table import Table
 
 from heretic.abliteration import describe_params, edit_from_params, first_edited_layer
-from heretic.checks import check_prompt_count, overlap_warnings
+from heretic.checks import overlap_warnings
 from heretic.config import Settings, load_settings
 from heretic.directions import (
     DIRECTIONS_FILE,
@@ -60,7 +52,8 @@ from heretic.optimization import (
     run_search,
     trial_by_number,
 )
-from heretic.prompts import load_prompts
+from heretic.preflight import check_local_inputs, load_prompt_sets
+from heretic.progress import step_progress, tracked
 from heretic.refinements import (
     READOUTS_KEY,
     DirectionSet,
@@ -103,19 +96,6 @@ def seed_everything(seed: int) -> None:
         pass
 
 
-def _progress(console: Console) -> Progress:
-    return Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-        TextColumn("{task.fields[info]}"),
-        console=console,
-        disable=not console.is_terminal,
-    )
-
-
 def front_table(front, base_refusals: int, n_bad: int) -> Table:
     table = Table(title="Pareto front (KL divergence vs refusals)")
     table.add_column("trial", justify="right")
@@ -154,14 +134,12 @@ def _run(settings: Settings, console: Console) -> RunResult:
     seed_everything(settings.seed)
     output_dir = settings.output_dir
 
+    check_local_inputs(settings)  # before the hub is asked for anything
     console.print("[bold]Loading prompts[/]")
     # The refinements' prompt sets load only when they are on and directions are computed.
     extra_sets = () if settings.directions is not None else extra_prompt_sets(settings)
-    prompts = {
-        name: load_prompts(getattr(settings, name), name) for name in PROMPT_SETS + extra_sets
-    }
+    prompts = load_prompt_sets(settings, PROMPT_SETS + extra_sets)
     for name, values in prompts.items():
-        check_prompt_count(getattr(settings, name), values, name)
         console.print(f"  {name}: {len(values)} prompts")
     for line in overlap_warnings(prompts):
         console.print(f"[yellow]Warning:[/] {escape(line)}", highlight=False)
@@ -201,25 +179,31 @@ def _run(settings: Settings, console: Console) -> RunResult:
 
     console.print("[bold]Scoring the original model[/]")
     judge = MarkerJudge(tuple(settings.refusal_markers), settings.ignore_echoed_markers)
-    evaluator = Evaluator(
-        model,
-        prompts["good_evaluation_prompts"],
-        prompts["bad_evaluation_prompts"],
-        judge,
-        settings.max_response_length,
-        batch_size,
-        screening_tokens=settings.screening_tokens if settings.prune_dominated_trials else 0,
-        # torch.compile would recompile for the replayed layers: no skipping with it.
-        layer_skip_bytes=layer_skip_budget(model.nbytes)
-        if settings.skip_unedited_layers and not settings.compile
-        else 0,
-        log=lambda line: console.print(f"  {line}", highlight=False),
-    )
+    n_scored = len(prompts["good_evaluation_prompts"]) + len(prompts["bad_evaluation_prompts"])
+    with step_progress(console) as progress:
+        scoring = progress.add_task("Original model", total=n_scored, info="", unit="prompts")
+        evaluator = Evaluator(
+            model,
+            prompts["good_evaluation_prompts"],
+            prompts["bad_evaluation_prompts"],
+            judge,
+            settings.max_response_length,
+            batch_size,
+            screening_tokens=settings.screening_tokens if settings.prune_dominated_trials else 0,
+            # torch.compile would recompile for the replayed layers: no skipping with it.
+            layer_skip_bytes=layer_skip_budget(model.nbytes)
+            if settings.skip_unedited_layers and not settings.compile
+            else 0,
+            log=lambda line: console.print(f"  {line}", highlight=False),
+            progress=lambda n: progress.advance(scoring, n),
+        )
     n_bad = len(evaluator.bad_prompts)
     if settings.refusal_judge == "adaptive":
         console.print(f"  refusals by markers: {evaluator.base_refusals}/{n_bad}")
         learning = time.perf_counter()
-        evaluator.use_judge(_adaptive_judge(settings, model, prompts, evaluator, batch_size))
+        evaluator.use_judge(
+            _adaptive_judge(settings, model, prompts, evaluator, batch_size, console)
+        )
         phrases = evaluator.judge.phrases
         shown = ", ".join(repr(p) for p in phrases[:6]) + (" ..." if len(phrases) > 6 else "")
         console.print(
@@ -374,8 +358,10 @@ def _compute_directions(
     module_outputs: dict[str, torch.Tensor] = {}
 
     def residuals_of(name: str, with_module_outputs: bool = False) -> torch.Tensor:
-        with _progress(console) as progress:
-            task = progress.add_task(f"Residuals for {name}", total=len(prompts[name]), info="")
+        with step_progress(console) as progress:
+            task = progress.add_task(
+                f"Residuals for {name}", total=len(prompts[name]), info="", unit="prompts"
+            )
 
             def advance(n: int) -> None:
                 progress.advance(task, n)
@@ -401,7 +387,8 @@ def _compute_directions(
         )
         bad = prompts["bad_prompts"]
         length = settings.probe_response_length
-        responses = model.generate(bad, length, batch_size, judge.is_refusal)
+        chunks = model.generate_chunks(bad, length, batch_size, judge.is_refusal)
+        responses = tracked(console, "Responses for the probes", bad, chunks)
         return [judge.is_refusal(r, p) for r, p in zip(responses, bad, strict=True)]
 
     good = residuals_of("good_prompts", fitted)
@@ -455,12 +442,18 @@ def _open_study(settings: Settings, console: Console):
 
 
 def _adaptive_judge(
-    settings: Settings, model: Model, prompts: dict, evaluator: Evaluator, batch_size: int
+    settings: Settings,
+    model: Model,
+    prompts: dict,
+    evaluator: Evaluator,
+    batch_size: int,
+    console: Console,
 ) -> AdaptiveJudge:
     """Learn the original model's refusal phrases from its responses to the bad evaluation
     prompts (already generated) and to the good evaluation prompts (their openings only)."""
     good = prompts["good_evaluation_prompts"]
-    good_responses = model.generate(good, OPENING_TOKENS, batch_size)
+    chunks = model.generate_chunks(good, OPENING_TOKENS, batch_size)
+    good_responses = tracked(console, "Learning the judge: good openings", good, chunks)
     return AdaptiveJudge.fit(
         settings.refusal_markers,
         evaluator.bad_prompts,
@@ -499,9 +492,13 @@ def _search(settings: Settings, study, model: Model, hooks, evaluator: Evaluator
     started_here = 0
     n_eval = len(evaluator.good_prompts) + len(evaluator.bad_prompts)
 
-    with _progress(console) as progress:
-        task = progress.add_task("Trials", total=settings.n_trials, completed=done, info="")
-        trial_task = progress.add_task("Trial", total=n_eval, info="", visible=False)
+    with step_progress(console) as progress:
+        task = progress.add_task(
+            "Trials", total=settings.n_trials, completed=done, info="", unit="trials"
+        )
+        trial_task = progress.add_task(
+            "Trial", total=n_eval, info="", visible=False, unit="prompts scored"
+        )
 
         def score(params, dominated) -> Score:
             nonlocal started_here

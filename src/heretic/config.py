@@ -260,7 +260,7 @@ class Settings(BaseSettings):
         default="adaptive",
         description="How a response is judged a refusal: 'markers' (contains a refusal marker) "
         "or 'adaptive' (markers, plus the refusal phrases mined from the original model's own "
-        "responses to the bad vs. the good evaluation prompts; see README 'Refusal judges').",
+        "responses to the bad vs. the good evaluation prompts; see docs/judges.md).",
     )
     select: str = Field(
         default="ask",
@@ -440,6 +440,22 @@ class Settings(BaseSettings):
         description="Plain prose whose covariance is subtracted from the sacred prompts' "
         "(empty lines are dropped).",
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _complete_prompt_sets(cls, data: Any) -> Any:
+        """`--bad-prompts.split "[:270]"` alone means the default dataset with another slice,
+        so a prompt set given without `dataset` takes its other keys from the default set (a
+        set that names its dataset starts from the plain defaults, as before)."""
+        if not isinstance(data, dict):
+            return data
+        for name, field in cls.model_fields.items():
+            value = data.get(name)
+            if field.annotation is DatasetSpecification and isinstance(value, dict):
+                if "dataset" not in value and field.default_factory is not None:
+                    default = field.default_factory()  # type: ignore[call-arg]
+                    data = {**data, name: {**default.model_dump(), **value}}
+        return data
 
     @field_validator("select")
     @classmethod

@@ -108,6 +108,7 @@ class Evaluator:
         screening_tokens: int = 0,
         layer_skip_bytes: int = 0,
         log: Callable[[str], None] | None = None,
+        progress: Callable[[int], None] | None = None,
     ) -> None:
         self.model = model
         self.good_prompts = list(good_prompts)
@@ -123,7 +124,9 @@ class Evaluator:
             self._good_sorted, batch_size, record=self.layer_outputs
         )
         self._check_layer_skip(log or (lambda _line: None))
-        self.base_responses = self.responses()
+        if progress:
+            progress(len(self.good_prompts))
+        self.base_responses = self.responses(progress)
         self.base_refusals = judge.count(self.base_responses, self.bad_prompts)
 
     def use_judge(self, judge: Judge) -> None:
@@ -154,12 +157,15 @@ class Evaluator:
             responses[index] = in_sorted_order[position]
         return responses
 
-    def responses(self) -> list[str]:
-        """The responses to the bad prompts (in their order), each stopped once decided."""
+    def responses(self, progress: Callable[[int], None] | None = None) -> list[str]:
+        """The responses to the bad prompts (in their order), each stopped once decided;
+        `progress(n)` is told how many became final at each step."""
         decodings = self._decodings()
         for decoding in decodings:
             while not decoding.done:
-                decoding.step()
+                rows = decoding.step()
+                if progress and rows:
+                    progress(len(rows))
         return self._in_prompt_order(decodings)
 
     def _plan_layer_skip(self, budget_bytes: int) -> LayerOutputs | None:

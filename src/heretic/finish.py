@@ -51,7 +51,7 @@ from heretic.upload import UploadResult, upload_folder
 GGUF_FROM_SAFETENSORS_HINT = (
     "GGUF output needs a GGUF input (heretic then edits that file's tensors in place). For a "
     "safetensors model, save it with --export model and convert OUTPUT_DIR/model with "
-    "llama.cpp's convert_hf_to_gguf.py (see the README's GGUF section)."
+    "llama.cpp's convert_hf_to_gguf.py (see docs/outputs.md, GGUF)."
 )
 
 

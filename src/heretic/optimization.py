@@ -54,7 +54,7 @@ DIRECTION_SCOPES = ("per_layer", "global", "search")
 a per-trial choice between the two."""
 DEFAULT_LAYER_PROFILE = "range"
 DEFAULT_DIRECTION_SCOPE = "per_layer"
-"""The defaults, chosen by measurement (README, "Quality vs heretic-llm"): on the organism at 20
+"""The defaults, chosen by measurement (docs/quality.md): on the organism at 20
 trials the range space with per-layer directions was measured at least as good as upstream's
 front; the tent with a global direction could not be measured at the full budget in time."""
 
@@ -275,7 +275,7 @@ WARM_STARTS: dict[str, list[WarmStart]] = {
     ],
 }
 """Warm-start profiles per model family (`model_family`). Only families measured here have
-any (see the README's "Search space and warm starts"); an unmeasured family starts cold."""
+any (see docs/search-space.md); an unmeasured family starts cold."""
 
 FAMILY_ARCHITECTURES = {"LlamaForCausalLM": "llama"}
 """Architecture class names whose family differs from a lower-cased `model_type`."""

@@ -14,7 +14,7 @@ import io
 import itertools
 import json
 import math
-import re
+import os
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +22,7 @@ from typing import Any, TypeVar
 
 from heretic.config import DatasetSpecification
 from heretic.errors import DatasetError
+from heretic.splits import SplitSlice, parse_split_for
 
 T = TypeVar("T")
 
@@ -33,127 +34,6 @@ _PATH_PREFIXES = ("/", "./", "../", "~", ".\\", "..\\")
 
 DEFAULT_COLUMNS = ("text", "instruction")
 """Column names tried, in order, when the specification names none."""
-
-ACCEPTED_SPLITS = (
-    '"train", "train[:200]", "[270:370]", "[5:]", "[-100:]", "train[:10%]", "[10%:20%]"'
-)
-
-_SPLIT_RE = re.compile(r"^(?P<name>[\w-]+)?(?:\[(?P<body>[^\[\]]*)\])?$")
-_BOUND_RE = re.compile(r"^(?P<value>[+-]?\d+)(?P<pct>%)?$")
-
-
-# --------------------------------------------------------------------------------------------
-# Split slices
-# --------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class SplitSlice:
-    """A parsed split such as ``train[:10%]``: split name plus a start/stop slice.
-
-    Percent bounds cannot be turned into indices until the set size is known, so the slice is
-    kept symbolic and resolved by `resolve`, with the same rounding the `datasets` library uses
-    (``round(pct * n / 100)``) so that local files and hub datasets select the same rows.
-    """
-
-    name: str | None
-    start: int | None = None
-    stop: int | None = None
-    percent: bool = False
-
-    @property
-    def is_full(self) -> bool:
-        """True when the slice keeps everything (lets streaming avoid counting)."""
-        return self.start is None and self.stop is None
-
-    @property
-    def needs_length(self) -> bool:
-        """True when resolving needs the set size: percent or negative (from-the-end) bounds."""
-        return self.percent or any(b is not None and b < 0 for b in (self.start, self.stop))
-
-    def resolve(self, length: int) -> slice:
-        """Turn the symbolic slice into a plain index slice for a set of `length` items."""
-        if not self.percent:
-            return slice(self.start, self.stop)
-
-        def to_index(bound: int | None) -> int | None:
-            return None if bound is None else int(round(bound * length / 100.0))
-
-        return slice(to_index(self.start), to_index(self.stop))
-
-    def apply(self, items: list[T]) -> list[T]:
-        """Select the slice from `items`, with Python's clamping of out-of-range bounds."""
-        return items[self.resolve(len(items))]
-
-    def slice_text(self) -> str:
-        """The bracket part as the user would write it, e.g. ``[:10%]``; empty for a full split."""
-        if self.is_full:
-            return ""
-        unit = "%" if self.percent else ""
-
-        def fmt(bound: int | None) -> str:
-            return "" if bound is None else f"{bound}{unit}"
-
-        return f"[{fmt(self.start)}:{fmt(self.stop)}]"
-
-
-def parse_split(split: str) -> SplitSlice:
-    """Parse ``NAME``, ``NAME[start:stop]`` or ``[start:stop]`` (bounds absolute or percent).
-
-    Raises `ValueError` with the reason; `load_prompts` adds the setting name, since this
-    function is also useful on its own (e.g. validating settings before any loading).
-    """
-    text = split.strip()
-    match = _SPLIT_RE.match(text)
-    if match is None:
-        raise ValueError(_split_problem(text))
-    name, body = match.group("name"), match.group("body")
-    if body is None:
-        return SplitSlice(name=name)
-    parts = body.split(":")
-    if len(parts) == 1:
-        raise ValueError("a slice needs a colon, e.g. [:200] or [270:370]")
-    if len(parts) > 2:
-        raise ValueError("a slice step (start:stop:step) is not supported")
-    start, start_pct = _parse_bound(parts[0])
-    stop, stop_pct = _parse_bound(parts[1])
-    if (start is not None and stop is not None) and start_pct != stop_pct:
-        raise ValueError("do not mix percent and absolute bounds in one slice")
-    return SplitSlice(name=name, start=start, stop=stop, percent=start_pct or stop_pct)
-
-
-def _split_problem(text: str) -> str:
-    """Explain the most likely mistake in a split that does not match the grammar at all."""
-    if text.count("[") != text.count("]"):
-        return "unbalanced brackets"
-    if "+" in text:
-        return "combining splits with '+' is only supported for hub datasets"
-    return "expected a split name and/or a [start:stop] slice"
-
-
-def _parse_bound(raw: str) -> tuple[int | None, bool]:
-    """Parse one slice bound: empty, an integer, or an integer percentage in -100%..100%."""
-    raw = raw.strip()
-    if not raw:
-        return None, False
-    match = _BOUND_RE.match(raw)
-    if match is None:
-        raise ValueError(f"slice bound {raw!r} is not an integer or a percentage like 10%")
-    value, percent = int(match.group("value")), match.group("pct") is not None
-    if percent and not -100 <= value <= 100:
-        raise ValueError(f"percentage {raw} is outside -100%..100%")
-    return value, percent
-
-
-def _parse_split_for(setting: str, split: str) -> SplitSlice:
-    """`parse_split`, with the failure turned into a `DatasetError` that names the setting."""
-    try:
-        return parse_split(split)
-    except ValueError as exc:
-        raise DatasetError(
-            f"{setting}: split {split!r} is malformed ({exc}). "
-            f"Set {setting}.split to one of the accepted forms: {ACCEPTED_SPLITS}."
-        ) from exc
 
 
 # --------------------------------------------------------------------------------------------
@@ -290,7 +170,7 @@ def _empty_error(setting: str, source: str, split_text: str, available: int | No
 # --------------------------------------------------------------------------------------------
 
 
-def _is_local(dataset: str) -> bool:
+def is_local(dataset: str) -> bool:
     """Decide local vs hub without touching the network: existing paths and path-like values."""
     path = Path(dataset).expanduser()
     return (
@@ -447,7 +327,7 @@ def _pick_split_name(names: list[str], wanted: str | None, path: Path, setting: 
 
 def _load_local(spec: DatasetSpecification, setting: str) -> list[str]:
     """Local file or folder; the split name is ignored for a single file (it has no splits)."""
-    split = _parse_split_for(setting, spec.split)
+    split = parse_split_for(setting, spec.split)
     path = Path(spec.dataset).expanduser()
     if not path.exists():
         kind = "file" if path.suffix.lower() in LOCAL_SUFFIXES else "path"
@@ -478,12 +358,18 @@ def _load_local(spec: DatasetSpecification, setting: str) -> list[str]:
 def _hub_error(spec: DatasetSpecification, setting: str, exc: Exception) -> DatasetError:
     """Explain a hub failure; offline use and local files are the usual ways out."""
     config = f", config {spec.config!r}" if spec.config else ""
+    offline = os.environ.get("HF_HUB_OFFLINE", "").upper() in {"1", "ON", "YES", "TRUE"}
+    network = (
+        "HF_HUB_OFFLINE is set, so only the local cache is used and it lacks this set: run once "
+        "with network access,"
+        if offline
+        else "without network access set HF_HUB_OFFLINE=1 to use only the local cache,"
+    )
     return DatasetError(
         f"{setting}: cannot load dataset {spec.dataset!r}{config}, split {spec.split!r} from the "
         f"Hugging Face Hub ({type(exc).__name__}: {exc}). Check the dataset id, "
-        f"{setting}.config and {setting}.split; without network access set HF_HUB_OFFLINE=1 to "
-        f"use only the local cache, or set {setting}.dataset to a local file "
-        f"({', '.join(LOCAL_SUFFIXES)})."
+        f"{setting}.config and {setting}.split; {network} or set {setting}.dataset to a local "
+        f"file ({', '.join(LOCAL_SUFFIXES)})."
     )
 
 
@@ -513,10 +399,28 @@ def _require_split_name(spec: DatasetSpecification, split: SplitSlice, setting: 
 
 def _validate_hub_split(spec: DatasetSpecification, setting: str) -> list[SplitSlice]:
     """Check each '+'-joined part before any network call, so typos fail fast and clearly."""
-    parts = [_parse_split_for(setting, part) for part in spec.split.split("+")]
+    parts = [parse_split_for(setting, part) for part in spec.split.split("+")]
     for part in parts:
         _require_split_name(spec, part, setting)
     return parts
+
+
+def check_hub_spec(spec: DatasetSpecification, setting: str, *, streaming: bool = False) -> None:
+    """Everything about a hub prompt set that can be checked without the network: the id's
+    form and the split, so that a typo in the last set is not found after the first downloads."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(spec.dataset)
+    except HFValidationError as exc:
+        raise DatasetError(
+            f"{setting}: {spec.dataset!r} is neither a local file ({', '.join(LOCAL_SUFFIXES)}) "
+            f"nor a Hugging Face dataset id ({exc}). Fix {setting}.dataset."
+        ) from exc
+    if streaming or spec.streaming:
+        _streaming_split(spec, setting)
+    else:
+        _validate_hub_split(spec, setting)
 
 
 def _load_hub(spec: DatasetSpecification, setting: str) -> list[str]:
@@ -553,6 +457,18 @@ def _count_hub_prompts(
         return None
 
 
+def _streaming_split(spec: DatasetSpecification, setting: str) -> SplitSlice:
+    """The one split a streamed set reads, checked before any network call."""
+    if "+" in spec.split:
+        raise DatasetError(
+            f"{setting}: split {spec.split!r} combines splits with '+', which streaming does not "
+            f"support; set {setting}.split to a single split such as 'train[:200]'."
+        )
+    split = parse_split_for(setting, spec.split)
+    _require_split_name(spec, split, setting)
+    return split
+
+
 def _load_hub_streaming(spec: DatasetSpecification, setting: str) -> list[str]:
     """Stream the base split and slice it here, since streaming datasets reject slice syntax.
 
@@ -561,13 +477,7 @@ def _load_hub_streaming(spec: DatasetSpecification, setting: str) -> list[str]:
     """
     import datasets
 
-    if "+" in spec.split:
-        raise DatasetError(
-            f"{setting}: split {spec.split!r} combines splits with '+', which streaming does not "
-            f"support; set {setting}.split to a single split such as 'train[:200]'."
-        )
-    split = _parse_split_for(setting, spec.split)
-    _require_split_name(spec, split, setting)
+    split = _streaming_split(spec, setting)
     source = f"dataset {spec.dataset!r}"
     stream = _hub_call(
         spec,
@@ -631,7 +541,7 @@ def load_prompts(spec: DatasetSpecification, setting: str, *, streaming: bool = 
     `streaming` (or `spec.streaming`) only affects hub datasets: it avoids downloading a large
     split when only a leading slice is wanted. Local files are always read whole.
     """
-    if _is_local(spec.dataset):
+    if is_local(spec.dataset):
         return _load_local(spec, setting)
     if streaming or spec.streaming:
         return _load_hub_streaming(spec, setting)

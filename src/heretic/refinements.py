@@ -5,8 +5,8 @@ ensemble them where the probe is good enough -> the result is made orthogonal to
 helpfulness direction and the sacred (capability) directions, all projected out at once.
 The math lives in `directions.py` and `probes.py`; this module only decides which steps run
 (from the settings), asks for the residuals it needs, and says what it did through `log`.
-Measured on the organism in benchmarks/direction_extras.py (see the README's "Direction
-extras"): every refinement is off by default unless the numbers there say it helps.
+Measured on the organism in benchmarks/direction_extras.py (see docs/direction-extras.md):
+every refinement is off by default unless the numbers there say it helps.
 """
 
 from __future__ import annotations
