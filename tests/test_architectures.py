@@ -177,31 +177,57 @@ def _block_class(model: torch.nn.Module, site) -> str:
     return type(site.module).__name__
 
 
-def supported_table() -> str:
-    """The README's table of supported families: what writes into the residual stream in each
-    (the layer's child that holds each site), and the exports besides merged safetensors."""
+def _rows() -> list[tuple[str, list[str], list[str], bool]]:
+    rows = []
+    for name in sorted(FAMILIES):
+        model = tiny_model(name)
+        sites = discover_sites(model)
+        token, channel = (
+            sorted({_block_class(model, s) for s in sites if s.component == c}) for c in COMPONENTS
+        )
+        rows.append((name, token, channel, all(s.is_linear for s in sites)))
+    return rows
+
+
+def _group(name: str, token: list[str], linear: bool) -> str:
+    """A family's group in the README's summary, from the classes that write its residual."""
+    if is_multimodal(name):
+        return "vision-language (text decoder edited, processor kept)"
+    mixers = " ".join(token).lower()
+    if any(k in mixers for k in ("mamba", "mixer", "conv", "deltanet", "linear", "ssm")):
+        return "hybrid: linear attention, Mamba / SSM, short convolution"
+    return "attention + MLP" if linear else "attention + mixture of experts"
+
+
+def supported_table(summary: bool = False) -> str:
+    """The table of supported families: what writes into the residual stream in each (the
+    layer's child that holds each site), and whether a LoRA adapter can express the edit
+    (merged safetensors always can). `summary`: one row per group of families, for the README."""
+    rows = _rows()
+    if summary:
+        groups: dict[str, list[str]] = {}
+        for name, token, _channel, linear in rows:
+            groups.setdefault(_group(name, token, linear), []).append(name)
+        lines = ["| kind | families |", "| --- | --- |"]
+        lines += [f"| {kind} | {', '.join(names)} |" for kind, names in sorted(groups.items())]
+        return "\n".join(lines)
     lines = [
         "| family | token mixers | channel mixers | LoRA adapter |",
         "| --- | --- | --- | --- |",
     ]
-    for name in sorted(FAMILIES):
-        model = tiny_model(name)
-        sites = discover_sites(model)
-        kinds = {
-            c: sorted({_block_class(model, s) for s in sites if s.component == c})
-            for c in COMPONENTS
-        }
-        adapter = "yes" if all(s.is_linear for s in sites) else "no (experts)"
-        token, channel = (", ".join(kinds[c]) or "-" for c in COMPONENTS)
+    for name, token, channel, linear in rows:
         label = f"{name} (vision-language)" if is_multimodal(name) else name
-        lines.append(f"| {label} | {token} | {channel} | {adapter} |")
+        adapter = "yes" if linear else "no (experts: merged only)"
+        lines.append(
+            f"| {label} | {', '.join(token) or '-'} | {', '.join(channel) or '-'} | {adapter} |"
+        )
     return "\n".join(lines)
 
 
 if __name__ == "__main__":
     sys.path.insert(0, str(Path(__file__).parent))
     torch.set_num_threads(1)
-    print(supported_table())
+    print(supported_table(summary="--summary" in sys.argv))
 
 
 def test_a_vision_language_output_keeps_its_processor_and_takes_images(

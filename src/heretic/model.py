@@ -88,7 +88,7 @@ class LayerOutputs:
 
     layers: list[int]
     batches: list[dict[int, torch.Tensor]] = field(default_factory=list)
-    tuple_output: bool = False
+    tuple_output: int = 0  # the length of a layer's tuple output, 0 for a tensor
 
     @classmethod
     def evenly_spaced(cls, n_layers: int, n_checkpoints: int) -> LayerOutputs:
@@ -317,7 +317,7 @@ class Model:
 
         def make_hook(i: int):
             def hook(_module, _inputs, output):
-                record.tuple_output = isinstance(output, tuple)
+                record.tuple_output = len(output) if isinstance(output, tuple) else 0
                 batch_outputs[i] = _module_output(output).detach().clone()
 
             return hook
@@ -335,7 +335,10 @@ class Model:
         """Layers 0..upto-1 pass their input through untouched (nothing reads it: the next
         layer is skipped too); layer `upto` returns its stored output for this batch."""
         stored = resume.batches[batch_index][upto]
-        wrap = (lambda h: (h,)) if resume.tuple_output else (lambda h: h)
+        # A layer returning a tuple (hidden states, attention weights, ...) gets the same arity;
+        # the extras are None, as they are without output_attentions.
+        extras = (None,) * max(int(resume.tuple_output) - 1, 0)
+        wrap = (lambda h: (h, *extras)) if resume.tuple_output else (lambda h: h)
 
         def passthrough(*args, **kwargs):
             return wrap(args[0] if args else kwargs["hidden_states"])
@@ -721,7 +724,7 @@ def _processor(source: ModelSource, kwargs: dict):
 
     try:
         return AutoProcessor.from_pretrained(source.path, **kwargs)
-    except (OSError, ValueError, KeyError, TypeError) as e:
+    except (OSError, ValueError, KeyError, TypeError, ImportError) as e:
         print(
             f"Note: {source.description} has a vision part but no processor could be loaded "
             f"({str(e).splitlines()[0] if str(e) else type(e).__name__}); the output will "
