@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny_models import BIASED, FAMILIES, is_multimodal, tiny_model
+from tiny_models import BIASED, FAMILIES, is_multimodal, plain_greedy, tiny_model
 
 from heretic.directions import normalize
 from heretic.discovery import discover_sites, find_decoder_layers
@@ -124,26 +124,12 @@ def test_reloaded_export_gives_the_hooked_logits(family, tmp_path):
     )
 
 
-def _plain_greedy(model, prompts, max_new_tokens):
-    batch = model.encode(prompts)
-    with torch.inference_mode():
-        out = model.model.generate(
-            **batch,
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            pad_token_id=model.tokenizer.pad_token_id,
-        )
-    return model.tokenizer.batch_decode(
-        out[:, batch["input_ids"].shape[1] :], skip_special_tokens=True
-    )
-
-
 def test_row_dropping_generation_and_layer_replay(family):
     """Generation that drops decided rows matches plain greedy decoding on this family's cache
     (hybrid caches included), and a KL pass that replays the layers below the edit matches a
     full pass bit for bit."""
     name, model = family
-    reference = _plain_greedy(model, PROMPTS, 6)
+    reference = plain_greedy(model, PROMPTS, 6)
     decided = lambda text, _prompt="": len(text) > 2  # noqa: E731
     dropped = model.generate(PROMPTS, 6, batch_size=4, is_decided=decided)
     for ref, text in zip(reference, dropped, strict=True):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from tiny_models import TEXT as COMMON
-from tiny_models import tiny_model
+from tiny_models import plain_greedy, tiny_model
 
 from heretic.abliteration import first_edited_layer
 from heretic.directions import normalize
@@ -18,23 +18,9 @@ from heretic.sites import ATTN, COMPONENTS, MLP
 PROMPTS = [f"Write item {i} of a list about {w}." for i, w in enumerate("abcdefghijklmnop")]
 
 
-def _plain_greedy(model, prompts, max_new_tokens):
-    batch = model.encode(prompts)
-    with torch.inference_mode():
-        out = model.model.generate(
-            **batch,
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            pad_token_id=model.tokenizer.pad_token_id,
-        )
-    return model.tokenizer.batch_decode(
-        out[:, batch["input_ids"].shape[1] :], skip_special_tokens=True
-    )
-
-
 def test_row_dropping_generation_matches_plain_greedy(tiny_chat_model):
     model = load_model(str(tiny_chat_model), dtype="float32")
-    reference = _plain_greedy(model, PROMPTS, 20)
+    reference = plain_greedy(model, PROMPTS, 20)
     # Rows "decide" at different times, so rows leave the batch at different steps.
     decided = lambda text, _prompt="": len(text) > 0 and (hash(text[:3]) % 3 == 0)  # noqa: E731
     got = model.generate(PROMPTS, 20, batch_size=16, is_decided=None)
@@ -162,7 +148,7 @@ def test_screening_gives_the_plain_scores_on_a_real_model(tiny_chat_model):
     assert plain.base_responses == screened.base_responses
     assert plain.score().refusals == screened.score(dominated=lambda kl, n: False).refusals
     # Responses come back in prompt order, whatever order the length-sorted batches ran in.
-    reference = _plain_greedy(model, PROMPTS, 20)
+    reference = plain_greedy(model, PROMPTS, 20)
     for ref, text in zip(reference, plain.base_responses, strict=True):
         assert ref.startswith(text)
 
@@ -268,7 +254,7 @@ def test_pooling_the_undecided_rows_keeps_their_responses(tiny_chat_model):
 
     model = load_model(str(tiny_chat_model), dtype="float32")
     prompts = PROMPTS + [p + " Be very detailed about it, please." for p in PROMPTS[:4]]
-    reference = _plain_greedy(model, prompts, 24)
+    reference = plain_greedy(model, prompts, 24)
     seen: list[tuple[str, str]] = []
 
     def decided(text: str, prompt: str = "") -> bool:
@@ -303,7 +289,7 @@ def test_pooling_that_splits_one_batch_over_two_groups(tiny_chat_model):
 
     model = load_model(str(tiny_chat_model), dtype="float32")
     prompts = PROMPTS[:14]
-    reference = _plain_greedy(model, prompts, 24)
+    reference = plain_greedy(model, prompts, 24)
     decodings = [model.decoding(prompts[a:b], 24) for a, b in ((0, 10), (10, 12), (12, 14))]
     for d in decodings:
         d.step()

@@ -221,3 +221,18 @@ def tiny_model(family: str, dtype: torch.dtype = torch.float32, **overrides: Any
         auto = transformers.AutoModelForImageTextToText
     model = auto.from_config(config, dtype=dtype).eval()
     return randomize(model)
+
+
+def plain_greedy(model, prompts: list[str], max_new_tokens: int) -> list[str]:
+    """transformers' own greedy decoding of a heretic `Model`: the reference for heretic's."""
+    batch = model.encode(prompts)
+    with torch.inference_mode():
+        out = model.model.generate(
+            **batch,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=model.tokenizer.pad_token_id,
+        )
+    return model.tokenizer.batch_decode(
+        out[:, batch["input_ids"].shape[1] :], skip_special_tokens=True
+    )
