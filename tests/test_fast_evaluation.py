@@ -10,7 +10,8 @@ from tiny_models import tiny_model
 from heretic.abliteration import first_edited_layer
 from heretic.directions import normalize
 from heretic.edit import EditHooks
-from heretic.evaluation import Evaluator, MarkerJudge
+from heretic.evaluation import Evaluator
+from heretic.judges import MarkerJudge
 from heretic.model import Model, ModelSource, load_model
 from heretic.optimization import dominated_by
 from heretic.sites import ATTN, COMPONENTS, MLP

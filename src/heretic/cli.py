@@ -25,7 +25,7 @@ from heretic.directions import (
     save_directions,
 )
 from heretic.errors import HereticError
-from heretic.evaluation import Evaluator, MarkerJudge, Score
+from heretic.evaluation import Evaluator, Score
 from heretic.fingerprint import (
     check_study_key,
     directions_differences,
@@ -33,7 +33,7 @@ from heretic.fingerprint import (
     study_key,
 )
 from heretic.finish import Finisher
-from heretic.judges import OPENING_TOKENS, AdaptiveJudge
+from heretic.judges import OPENING_TOKENS, AdaptiveJudge, MarkerJudge
 from heretic.model import Model, load_model
 from heretic.optimization import (
     KL_ATTR,

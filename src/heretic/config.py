@@ -32,6 +32,7 @@ from pydantic_settings import (
 )
 
 from heretic.errors import SettingsError
+from heretic.judges import normalize_text
 
 ENV_PREFIX = "HERETIC_"
 
@@ -554,11 +555,6 @@ class Settings(BaseSettings):
         if toml_path is not None:
             sources.append(TomlConfigSettingsSource(settings_cls, toml_file=toml_path))
         return tuple(sources)
-
-
-def normalize_text(text: str) -> str:
-    """Lower-case and straighten curly apostrophes, so markers match however a model types them."""
-    return text.lower().replace("\u2019", "'").replace("\u2018", "'").replace("\u02bc", "'")
 
 
 class _TomlPath:
