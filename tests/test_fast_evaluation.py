@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 from tiny_models import TEXT as COMMON
@@ -75,9 +77,18 @@ class _FakeDecoding:
     def responses(self) -> list[str]:
         return [self.response(i) for i in range(len(self.texts))]
 
+    @property
+    def n_rows(self) -> int:
+        return len(self.texts)
+
+    def unanswered(self, row: int) -> bool:
+        return False
+
 
 class _FakeModel:
     """Canned first-token log-probs; bad prompts are 'b<i>' and get the canned rows of i."""
+
+    reader = SimpleNamespace(may_think=False)  # a model that does not think
 
     def __init__(self, rows: list[tuple[str, int]]):
         self.rows = rows

@@ -53,6 +53,8 @@ def _alternative(name: str, settings: Settings) -> Settings:
     annotation = Settings.model_fields[name].annotation
     if annotation is bool:
         candidates: list[object] = [not current]
+    elif annotation == bool | None:  # a switch that may stay unset
+        candidates = [v for v in (True, False) if v != current]
     elif typing.get_origin(annotation) is typing.Literal:
         candidates = [v for v in typing.get_args(annotation) if v != current]
     elif annotation is DatasetSpecification:

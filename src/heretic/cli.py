@@ -39,6 +39,7 @@ from heretic.optimization import (
     KL_ATTR,
     PRUNED_ATTR,
     REFUSALS_ATTR,
+    UNANSWERED_ATTR,
     SearchSpace,
     best_trial,
     did_nothing,
@@ -105,7 +106,7 @@ def front_table(front, base_refusals: int, n_bad: int) -> Table:
     for t in front:
         text = describe_params(params_from_trial(t))
         score = objectives(t)
-        refusals = f"{score.refusals}/{n_bad}"
+        refusals = f"{score.refusals}/{n_bad}{unanswered_note(t)}"
         if did_nothing(t, base_refusals):
             refusals += " (did nothing)"
         table.add_row(str(t.number), refusals, f"{score.kl_divergence:.4f}", text)
@@ -211,6 +212,13 @@ def _run(settings: Settings, console: Console) -> RunResult:
             f"{time.perf_counter() - learning:.0f} s {shown}".rstrip()
         )
     console.print(f"  refusals: {evaluator.base_refusals}/{n_bad}")
+    if evaluator.base_unanswered:
+        console.print(
+            f"  [yellow]{evaluator.base_unanswered} of them never finished thinking within "
+            f"max_thinking_tokens ({settings.max_thinking_tokens})[/]: counted as refusals; "
+            "raise max_thinking_tokens, or skip the thinking (enable_thinking = false, or a "
+            "response_prefix that closes it)"
+        )
 
     study = _search(settings, study, model, hooks, evaluator, console)
     front = pareto_front(study)
@@ -286,6 +294,7 @@ def _load(settings: Settings, device_map: str | None = None) -> Model:
         device_map=device_map or settings.device_map,
         trust_remote_code=settings.trust_remote_code,
         system_prompt=settings.system_prompt,
+        reasoning=settings.reasoning(),
     )
 
 
@@ -546,7 +555,14 @@ def describe_trial(trial) -> str:
     pruned = trial.user_attrs.get(PRUNED_ATTR)
     if pruned:
         return f"pruned ({pruned}): refusals >= {refusals}, KL {kl:.4f}"
-    return f"refusals {refusals}, KL {kl:.4f}"
+    return f"refusals {refusals}{unanswered_note(trial)}, KL {kl:.4f}"
+
+
+def unanswered_note(trial) -> str:
+    """ " (k unanswered)" for a trial whose refusals include responses still thinking at the
+    cap (reasoning models), so they are never mistaken for plain refusals; else ""."""
+    unanswered = trial.user_attrs.get(UNANSWERED_ATTR, 0)
+    return f" ({unanswered} unanswered: still thinking)" if unanswered else ""
 
 
 def _interactive(settings: Settings) -> bool:
