@@ -1,5 +1,5 @@
 """Reasoning models: the judge sees the answer, KL is measured at the first answer token, a
-response that never stops thinking is never "not a refusal"."""
+response that never stops thinking is never "not a refusal"; and the dtype fallback."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from heretic.errors import ModelLoadError, SettingsError
 from heretic.evaluation import Evaluator
 from heretic.fingerprint import directions_key, study_key
 from heretic.judges import MarkerJudge
-from heretic.model import _CACHE_KWARG, Model, ModelSource
+from heretic.model import _CACHE_KWARG, Model, ModelSource, load_model
 from heretic.reasoning import FORMATS, Reasoning, answer_offset, open_block
 
 # A Qwen3-style template: the generation prompt opens the assistant turn; with enable_thinking
@@ -323,3 +323,39 @@ def test_reasoning_settings_join_the_keys_only_when_set():
     assert "max_thinking_tokens" not in directions_key(changed, prompts)
     probing = changed.model_copy(update={"use_supervised_probing": True})
     assert "max_thinking_tokens" in directions_key(probing, prompts)
+
+
+# ----- dtype fallback ----------------------------------------------------------------------
+
+
+def _nan_in(monkeypatch, bad_dtypes: set[torch.dtype]) -> None:
+    """Make the Llama forward give NaN logits when it runs in one of `bad_dtypes`."""
+    forward = LlamaForCausalLM.forward
+
+    def patched(self, *args, **kwargs):
+        out = forward(self, *args, **kwargs)
+        if self.dtype in bad_dtypes:
+            out.logits = torch.full_like(out.logits, float("nan"))
+        return out
+
+    monkeypatch.setattr(LlamaForCausalLM, "forward", patched)
+
+
+def test_auto_dtype_falls_back_to_float32_when_bfloat16_gives_nan(tiny_chat_model, monkeypatch):
+    _nan_in(monkeypatch, {torch.bfloat16, torch.float16})
+    lines: list[str] = []
+    model = load_model(str(tiny_chat_model), dtype="auto", log=lines.append)
+    assert model.model.dtype == torch.float32
+    assert lines == ["dtype auto: running in float32 (bfloat16, float16 gave NaN/inf)"]
+    with pytest.raises(ModelLoadError, match="NaN/inf logits in bfloat16: set dtype to 'auto'"):
+        load_model(str(tiny_chat_model), dtype="bfloat16")
+
+
+def test_auto_dtype_keeps_the_checkpoint_dtype_and_fails_clearly(tiny_chat_model, monkeypatch):
+    lines: list[str] = []
+    model = load_model(str(tiny_chat_model), dtype="auto", log=lines.append)
+    assert model.model.dtype == torch.bfloat16  # the checkpoint's own
+    assert lines == ["dtype auto: running in bfloat16"]
+    _nan_in(monkeypatch, {torch.bfloat16, torch.float16, torch.float32})
+    with pytest.raises(ModelLoadError, match="every dtype tried \\(bfloat16, float16, float32\\)"):
+        load_model(str(tiny_chat_model), dtype="auto")

@@ -150,7 +150,7 @@ def _run(settings: Settings, console: Console) -> RunResult:
     study = _open_study(settings, console)
 
     console.print(f"[bold]Loading model[/] {settings.model}")
-    model = _load(settings)
+    model = _load(settings, log=lambda line: console.print(f"  {line}", highlight=False))
     console.print(
         f"  {type(model.model).__name__}: {model.n_layers} layers, hidden size "
         f"{model.hidden_size}, {model.model.dtype} on {model.device}"
@@ -169,7 +169,9 @@ def _run(settings: Settings, console: Console) -> RunResult:
         model.sites,
         directions,
         model_bytes=model.nbytes,
-        read_matrices=lambda: editable_matrices(_load(settings, device_map="cpu").sites),
+        read_matrices=lambda: editable_matrices(
+            _load(settings, "cpu", dtype=str(model.model.dtype).removeprefix("torch.")).sites
+        ),
         log=lambda line: console.print(f"  {line}", highlight=False),
         row_normalization=settings.row_normalization,
         readouts=readouts,
@@ -286,15 +288,21 @@ def layer_skip_budget(model_bytes: int) -> int:
     return min(2 * 2**30, max(256 * 2**20, model_bytes // 20))
 
 
-def _load(settings: Settings, device_map: str | None = None) -> Model:
+def _load(
+    settings: Settings, device_map: str | None = None, dtype: str | None = None, log=None
+) -> Model:
+    """The model as the settings describe it; with `dtype`, a copy to read weights from (in
+    the dtype the search model runs in, with no logits check)."""
     return load_model(
         settings.model,
         gguf_file=settings.gguf_file,
-        dtype=settings.dtype,
+        dtype=dtype or settings.dtype,
         device_map=device_map or settings.device_map,
         trust_remote_code=settings.trust_remote_code,
         system_prompt=settings.system_prompt,
         reasoning=settings.reasoning(),
+        log=log,
+        check_logits=dtype is None,
     )
 
 

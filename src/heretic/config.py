@@ -184,7 +184,10 @@ class Settings(BaseSettings):
         description="Tokens generated per bad evaluation prompt to judge refusals.",
     )
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
-        default="bfloat16", description="Precision the model runs in during the search."
+        default="bfloat16",
+        description="Precision the model runs in during the search; 'auto' tries the "
+        "checkpoint's dtype, then bfloat16, float16, float32, keeping the first whose logits "
+        "are finite (a named dtype that gives NaN/inf is an error).",
     )
     enable_thinking: bool | None = Field(
         default=None,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import gc
 import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
@@ -748,11 +749,19 @@ def load_model(
     trust_remote_code: bool = False,
     system_prompt: str | None = None,
     reasoning: Reasoning | None = None,
+    log: Callable[[str], None] | None = None,
+    check_logits: bool = True,
 ) -> Model:
     """Load a hub id, local folder or GGUF file as a heretic `Model`.
 
     A vision-language checkpoint loads whole (`AutoModelForImageTextToText`) with its
     processor, so that the edited output still takes images; only its text decoder is edited.
+
+    The model must give finite logits for a first response token in the dtype it runs in (in
+    float16 many bf16-trained models overflow into inf, and the search would then score NaN).
+    `dtype="auto"` tries the checkpoint's own dtype, then bfloat16, float16 and float32, and
+    keeps the first that passes, telling `log` which; a named dtype that fails is an error.
+    `check_logits=False` skips that check (a copy loaded only to read its weights).
     """
     from transformers import AutoTokenizer
 
@@ -760,33 +769,97 @@ def load_model(
     kwargs = {"trust_remote_code": trust_remote_code}
     if source.gguf_file:
         kwargs["gguf_file"] = source.gguf_file
-    processor = None
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(source.path, **kwargs)
-        auto_class, multimodal = _auto_class(source, kwargs)
-        if multimodal:
-            processor = _processor(source, kwargs)
-        loaded = auto_class.from_pretrained(
-            source.path,
-            dtype=torch.float32 if source.gguf_file else _resolve_dtype(dtype),
-            device_map=None if source.gguf_file else _device_map(device_map),
-            **kwargs,
+    tokenizer = _loading(source, lambda: AutoTokenizer.from_pretrained(source.path, **kwargs))
+    auto_class, multimodal = _loading(source, lambda: _auto_class(source, kwargs))
+    processor = _processor(source, kwargs) if multimodal else None
+
+    def build(load_dtype: torch.dtype | str, device: str | None) -> Model:
+        loaded = _loading(
+            source,
+            lambda: auto_class.from_pretrained(
+                source.path, dtype=load_dtype, device_map=device, **kwargs
+            ),
         )
+        if source.gguf_file:
+            loaded = _dequantized_copy(loaded, dtype, device_map)
+        return Model(
+            loaded,
+            tokenizer,
+            source=source,
+            system_prompt=system_prompt,
+            processor=processor,
+            reasoning=reasoning,
+        )
+
+    if source.gguf_file:
+        return build(torch.float32, None)
+    return _first_finite(
+        lambda d: build(d, _device_map(device_map)), source, dtype, check_logits, log
+    )
+
+
+def _first_finite(
+    build: Callable[[torch.dtype | str], Model],
+    source: ModelSource,
+    dtype: str,
+    check_logits: bool,
+    log: Callable[[str], None] | None,
+) -> Model:
+    """The model built in the first dtype whose first-token logits are finite (see
+    `load_model`); each failed copy is freed before the next is loaded."""
+    candidates: list[torch.dtype | str] = [_resolve_dtype(dtype)]
+    if dtype == "auto":
+        candidates += [torch.bfloat16, torch.float16, torch.float32]
+    failed: list[torch.dtype] = []
+    for candidate in candidates:
+        if candidate in failed:
+            continue
+        result = build(candidate)
+        chosen = result.model.dtype
+        if chosen not in failed and (not check_logits or _finite_first_token(result)):
+            if dtype == "auto" and log is not None:
+                note = f" ({', '.join(map(_dtype_name, failed))} gave NaN/inf)" if failed else ""
+                log(f"dtype auto: running in {_dtype_name(chosen)}{note}")
+            return result
+        failed.append(chosen)
+        del result
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    raise _no_finite_dtype(source, dtype, failed)
+
+
+def _no_finite_dtype(source: ModelSource, dtype: str, failed: list[torch.dtype]) -> ModelLoadError:
+    names = ", ".join(map(_dtype_name, failed))
+    if dtype == "auto":
+        return ModelLoadError(
+            f"{source.description} gives NaN/inf logits in every dtype tried ({names}): the "
+            "checkpoint's weights are probably broken."
+        )
+    return ModelLoadError(
+        f"{source.description} gives NaN/inf logits in {names}: set dtype to 'auto' (tries the "
+        "checkpoint's dtype, bfloat16, float16, float32) or to 'float32'."
+    )
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _finite_first_token(model: Model) -> bool:
+    """Whether the logits of a first response token (one short chat prompt) are all finite."""
+    return bool(torch.isfinite(model.first_token_logprobs(["Say hello."], 1)).all())
+
+
+def _loading(source: ModelSource, load: Callable[[], object]):
+    """`load()`, with transformers' loading errors turned into a ModelLoadError."""
+    try:
+        return load()
     except (OSError, ValueError, KeyError, ImportError) as e:
         message = str(e).splitlines()[0] if str(e) else type(e).__name__
         if "trust_remote_code" in str(e):
             message = "it needs its own code: rerun with --trust-remote-code if you trust it"
         raise ModelLoadError(f"Cannot load model {source.description}: {message}") from e
-    if source.gguf_file:
-        loaded = _dequantized_copy(loaded, dtype, device_map)
-    return Model(
-        loaded,
-        tokenizer,
-        source=source,
-        system_prompt=system_prompt,
-        processor=processor,
-        reasoning=reasoning,
-    )
 
 
 def _auto_class(source: ModelSource, kwargs: dict):
