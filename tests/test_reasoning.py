@@ -215,6 +215,18 @@ def test_a_response_that_never_stops_thinking_is_an_unanswered_refusal(thinking_
     assert (score.refusals, score.unanswered) == (1, 1)
 
 
+def test_batch_size_timing_does_not_wait_for_the_thinking(thinking_tokenizer):
+    def endless(formatted: str) -> str:
+        return "<think>" + " and yet" * 4000
+
+    model = scripted_model(thinking_tokenizer, endless, BAD, Reasoning(max_thinking_tokens=4000))
+    steps: list[int] = []
+    generate = model.model.generate
+    model.model.generate = lambda **kw: steps.append(kw["max_new_tokens"]) or generate(**kw)
+    assert model.find_batch_size(BAD, 8) == 8
+    assert sum(steps) == 2 + 8  # size 8 only: a 2-token warm-up and an 8-token timed pass
+
+
 def _direct_logprobs(model: Model, texts: list[str]) -> torch.Tensor:
     rows = []
     for text in texts:

@@ -440,9 +440,14 @@ class Model:
         max_new_tokens: int,
         is_decided: Callable[[str, str], bool] | None = None,
         check_every: int = 8,
+        max_thinking_tokens: int | None = None,
     ) -> Decoding:
-        """Greedy decoding of one batch, advanced `check_every` tokens per `step()`."""
-        return Decoding(self, prompts, max_new_tokens, is_decided, check_every)
+        """Greedy decoding of one batch, advanced `check_every` tokens per `step()`; a thinking
+        cap other than the model's with `max_thinking_tokens`."""
+        decoding = Decoding(self, prompts, max_new_tokens, is_decided, check_every)
+        if max_thinking_tokens is not None:
+            decoding.max_thinking_tokens = max_thinking_tokens
+        return decoding
 
     def length_order(self, prompts: Sequence[str]) -> list[int]:
         """Prompt indices sorted by token length (stable), so batches of neighbours need
@@ -460,6 +465,13 @@ class Model:
             ids.add(self.tokenizer.eos_token_id)
         return ids
 
+    def _short_pass(self, prompts: Sequence[str], tokens: int) -> None:
+        """Decode about `tokens` tokens per prompt in one batch, thinking or not (a thinking
+        model would otherwise run to its thinking cap, and timing batch sizes would take ages)."""
+        decoding = self.decoding(prompts, tokens, max_thinking_tokens=tokens)
+        while not decoding.done:
+            decoding.step()
+
     def find_batch_size(self, prompts: Sequence[str], max_batch_size: int) -> int:
         """The batch size with the best generation throughput that fits in memory."""
         best_size, best_rate = 1, 0.0
@@ -467,9 +479,9 @@ class Model:
         while size <= max_batch_size:
             sample = [prompts[i % len(prompts)] for i in range(size)]
             try:
-                self.generate(sample[: min(4, size)], 2, size)  # warm-up
+                self._short_pass(sample[: min(4, size)], 2)  # warm-up
                 start = time.perf_counter()
-                self.generate(sample, 8, size)
+                self._short_pass(sample, 8)
                 rate = size / (time.perf_counter() - start)
             except torch.OutOfMemoryError:
                 break
