@@ -304,6 +304,8 @@ def test_the_thinking_switch_reaches_the_template(thinking_tokenizer, chat_token
         scripted_model(no_switch, _script, BAD, Reasoning(enable_thinking=False))
     # A model whose template and vocabulary know no thinking marker pays nothing for it.
     assert not scripted_model(no_switch, _script, BAD).reader.may_think
+    no_switch.add_special_tokens({"additional_special_tokens": ["<|channel|>", "<|message|>"]})
+    assert scripted_model(no_switch, _script, BAD).reader.may_think  # gpt-oss's vocabulary
 
 
 def test_bad_reasoning_settings_get_clear_errors():

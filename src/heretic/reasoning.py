@@ -179,6 +179,11 @@ class ResponseReader:
         return raw + block.close if block is not None else raw
 
 
+MARKER_PIECES = ("<think>", "</think>", "<|channel|>", "[THINK]", "[/THINK]", "<thought>")
+"""Strings that only thinking formats use: one in a model's template or among its added tokens
+means its responses may think (gpt-oss's markers are several tokens, `<|channel|>` among them)."""
+
+
 def mentions_thinking(texts: Sequence[str]) -> bool:
     """Whether any of `texts` (a chat template, added-token names) holds a thinking marker."""
-    return any(fmt.open in text or fmt.close in text for text in texts for fmt in FORMATS)
+    return any(piece in text for text in texts for piece in MARKER_PIECES)
