@@ -177,8 +177,8 @@ class _FakeModel:
         outputs = torch.randn(n, self.n_layers, len(COMPONENTS), self.hidden, generator=self.rng)
         return self.residuals(prompts, batch_size), outputs
 
-    def generate(self, prompts, length, batch_size, stop=None) -> list[str]:
-        return ["I'm sorry, no." if i % 2 == 0 else "Sure: here." for i in range(len(prompts))]
+    def refused_chunks(self, prompts, length, batch_size, is_refusal):
+        yield [i % 2 == 0 for i in range(len(prompts))]
 
 
 @pytest.mark.parametrize("readout", ["direction", "fitted"])

@@ -209,6 +209,8 @@ def test_a_response_that_never_stops_thinking_is_an_unanswered_refusal(thinking_
     # It got more than max_response_length tokens, up to the cap, and no answer.
     assert len(decoding.tokens[0]) == 40 and decoding.response(0) == ""
     assert decoding.unanswered(0) and not decoding.unanswered(1)
+    # The probes' labels too: no answer is a refusal, an answer is judged.
+    assert list(model.refused_chunks(BAD[:2], 8, 2, JUDGE.is_refusal)) == [[True, False]]
     evaluator = Evaluator(model, GOOD, BAD[:2], JUDGE, max_response_length=8, batch_size=2)
     assert (evaluator.base_refusals, evaluator.base_unanswered) == (1, 1)
     score = evaluator.score()

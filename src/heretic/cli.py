@@ -404,9 +404,8 @@ def _compute_directions(
         )
         bad = prompts["bad_prompts"]
         length = settings.probe_response_length
-        chunks = model.generate_chunks(bad, length, batch_size, judge.is_refusal)
-        responses = tracked(console, "Responses for the probes", bad, chunks)
-        return [judge.is_refusal(r, p) for r, p in zip(responses, bad, strict=True)]
+        chunks = model.refused_chunks(bad, length, batch_size, judge.is_refusal)
+        return tracked(console, "Responses for the probes", bad, chunks)
 
     good = residuals_of("good_prompts", fitted)
     bad = residuals_of("bad_prompts", fitted)

@@ -417,6 +417,27 @@ class Model:
             responses += chunk
         return responses
 
+    def refused_chunks(
+        self,
+        prompts: Sequence[str],
+        max_new_tokens: int,
+        batch_size: int,
+        is_refusal: Callable[[str, str], bool],
+    ) -> Iterator[list[bool]]:
+        """Whether each greedy response is a refusal, one list per batch (in prompt order):
+        its answer as `is_refusal` judges it (decoding stops once it does), or no answer at all
+        (still thinking at the cap)."""
+        for start in range(0, len(prompts), batch_size):
+            decoding = self.decoding(
+                prompts[start : start + batch_size], max_new_tokens, is_refusal
+            )
+            while not decoding.done:
+                decoding.step()
+            yield [
+                decoding.unanswered(row) or is_refusal(decoding.response(row), decoding.prompt(row))
+                for row in range(decoding.n_rows)
+            ]
+
     def generate_chunks(
         self,
         prompts: Sequence[str],
