@@ -40,8 +40,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from heretic.config import DEFAULT_REFUSAL_MARKERS, DatasetSpecification, Settings  # noqa: E402
-from heretic.evaluation import MarkerJudge  # noqa: E402
-from heretic.judges import OPENING_TOKENS, AdaptiveJudge  # noqa: E402
+from heretic.judges import OPENING_TOKENS, AdaptiveJudge, MarkerJudge  # noqa: E402
 
 SYSTEM_PROMPT = "You are a helpful assistant."
 LENGTH = 48

@@ -31,7 +31,8 @@ from heretic.cli import layer_skip_budget
 from heretic.config import DEFAULT_REFUSAL_MARKERS
 from heretic.directions import mean_difference
 from heretic.edit import EditHooks
-from heretic.evaluation import Evaluator, MarkerJudge
+from heretic.evaluation import Evaluator
+from heretic.judges import MarkerJudge
 from heretic.model import load_model, regroup
 from heretic.sites import ATTN, MLP
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 from tiny_models import TEXT as COMMON
@@ -10,7 +12,8 @@ from tiny_models import plain_greedy, tiny_model
 from heretic.abliteration import first_edited_layer
 from heretic.directions import normalize
 from heretic.edit import EditHooks
-from heretic.evaluation import Evaluator, MarkerJudge
+from heretic.evaluation import Evaluator
+from heretic.judges import MarkerJudge
 from heretic.model import Model, ModelSource, load_model
 from heretic.optimization import dominated_by
 from heretic.sites import ATTN, COMPONENTS, MLP
@@ -60,9 +63,18 @@ class _FakeDecoding:
     def responses(self) -> list[str]:
         return [self.response(i) for i in range(len(self.texts))]
 
+    @property
+    def n_rows(self) -> int:
+        return len(self.texts)
+
+    def unanswered(self, row: int) -> bool:
+        return False
+
 
 class _FakeModel:
     """Canned first-token log-probs; bad prompts are 'b<i>' and get the canned rows of i."""
+
+    reader = SimpleNamespace(may_think=False)  # a model that does not think
 
     def __init__(self, rows: list[tuple[str, int]]):
         self.rows = rows

@@ -53,6 +53,8 @@ def _alternative(name: str, settings: Settings) -> Settings:
     annotation = Settings.model_fields[name].annotation
     if annotation is bool:
         candidates: list[object] = [not current]
+    elif annotation == bool | None:  # a switch that may stay unset
+        candidates = [v for v in (True, False) if v != current]
     elif typing.get_origin(annotation) is typing.Literal:
         candidates = [v for v in typing.get_args(annotation) if v != current]
     elif annotation is DatasetSpecification:
@@ -175,8 +177,8 @@ class _FakeModel:
         outputs = torch.randn(n, self.n_layers, len(COMPONENTS), self.hidden, generator=self.rng)
         return self.residuals(prompts, batch_size), outputs
 
-    def generate(self, prompts, length, batch_size, stop=None) -> list[str]:
-        return ["I'm sorry, no." if i % 2 == 0 else "Sure: here." for i in range(len(prompts))]
+    def refused_chunks(self, prompts, length, batch_size, is_refusal):
+        yield [i % 2 == 0 for i in range(len(prompts))]
 
 
 @pytest.mark.parametrize("readout", ["direction", "fitted"])

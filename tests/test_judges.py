@@ -10,8 +10,8 @@ import optuna
 import pytest
 
 from heretic.config import DEFAULT_REFUSAL_MARKERS, Settings
-from heretic.evaluation import MarkerJudge, Score
-from heretic.judges import AdaptiveJudge, describe_judge, opening_words
+from heretic.evaluation import Score
+from heretic.judges import AdaptiveJudge, MarkerJudge, describe_judge, opening_words
 from heretic.optimization import (
     DO_NOTHING_CONSTRAINT,
     SearchSpace,

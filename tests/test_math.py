@@ -11,7 +11,8 @@ from heretic.abliteration import (
     row_edit,
 )
 from heretic.directions import align_signs, contrastive_pca, mean_difference, normalize
-from heretic.evaluation import MarkerJudge, kl_divergence
+from heretic.evaluation import kl_divergence
+from heretic.judges import MarkerJudge
 
 
 def _unit(n: int, generator: torch.Generator) -> torch.Tensor:

@@ -14,7 +14,7 @@ from rich.console import Console
 
 from heretic.cli import run
 from heretic.config import load_settings
-from heretic.evaluation import MarkerJudge
+from heretic.judges import MarkerJudge
 from heretic.model import load_model
 
 pytestmark = pytest.mark.slow

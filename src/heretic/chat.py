@@ -26,14 +26,15 @@ def stream_reply(
 ) -> str:
     """Generate the assistant's next turn, writing tokens to `out` as they come; returns it.
 
-    `model` is a heretic `Model` (its tokenizer's chat template formats the conversation).
+    `model` is a heretic `Model` (its chat template, thinking switch and response prefix
+    format the conversation, as in the search).
     Generation runs in a worker thread feeding a `TextIteratorStreamer`, the way transformers
     streams; the text is printed from this thread.
     """
     from transformers import TextIteratorStreamer
 
     tokenizer = model.tokenizer
-    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    text = model.format_messages(messages)
     batch = tokenizer([text], return_tensors="pt", add_special_tokens=False)
     batch = {k: v.to(model.device) for k, v in batch.items()}
     streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)

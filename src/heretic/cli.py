@@ -25,7 +25,7 @@ from heretic.directions import (
     save_directions,
 )
 from heretic.errors import HereticError
-from heretic.evaluation import Evaluator, MarkerJudge, Score
+from heretic.evaluation import Evaluator, Score
 from heretic.fingerprint import (
     check_study_key,
     directions_differences,
@@ -33,12 +33,13 @@ from heretic.fingerprint import (
     study_key,
 )
 from heretic.finish import Finisher
-from heretic.judges import OPENING_TOKENS, AdaptiveJudge
+from heretic.judges import OPENING_TOKENS, AdaptiveJudge, MarkerJudge
 from heretic.model import Model, load_model
 from heretic.optimization import (
     KL_ATTR,
     PRUNED_ATTR,
     REFUSALS_ATTR,
+    UNANSWERED_ATTR,
     SearchSpace,
     best_trial,
     did_nothing,
@@ -105,7 +106,7 @@ def front_table(front, base_refusals: int, n_bad: int) -> Table:
     for t in front:
         text = describe_params(params_from_trial(t))
         score = objectives(t)
-        refusals = f"{score.refusals}/{n_bad}"
+        refusals = f"{score.refusals}/{n_bad}{unanswered_note(t)}"
         if did_nothing(t, base_refusals):
             refusals += " (did nothing)"
         table.add_row(str(t.number), refusals, f"{score.kl_divergence:.4f}", text)
@@ -149,7 +150,7 @@ def _run(settings: Settings, console: Console) -> RunResult:
     study = _open_study(settings, console)
 
     console.print(f"[bold]Loading model[/] {settings.model}")
-    model = _load(settings)
+    model = _load(settings, log=lambda line: console.print(f"  {line}", highlight=False))
     console.print(
         f"  {type(model.model).__name__}: {model.n_layers} layers, hidden size "
         f"{model.hidden_size}, {model.model.dtype} on {model.device}"
@@ -168,7 +169,9 @@ def _run(settings: Settings, console: Console) -> RunResult:
         model.sites,
         directions,
         model_bytes=model.nbytes,
-        read_matrices=lambda: editable_matrices(_load(settings, device_map="cpu").sites),
+        read_matrices=lambda: editable_matrices(
+            _load(settings, "cpu", dtype=str(model.model.dtype).removeprefix("torch.")).sites
+        ),
         log=lambda line: console.print(f"  {line}", highlight=False),
         row_normalization=settings.row_normalization,
         readouts=readouts,
@@ -211,6 +214,13 @@ def _run(settings: Settings, console: Console) -> RunResult:
             f"{time.perf_counter() - learning:.0f} s {shown}".rstrip()
         )
     console.print(f"  refusals: {evaluator.base_refusals}/{n_bad}")
+    if evaluator.base_unanswered:
+        console.print(
+            f"  [yellow]{evaluator.base_unanswered} of them never finished thinking within "
+            f"max_thinking_tokens ({settings.max_thinking_tokens})[/]: counted as refusals; "
+            "raise max_thinking_tokens, or skip the thinking (enable_thinking = false, or a "
+            "response_prefix that closes it)"
+        )
 
     study = _search(settings, study, model, hooks, evaluator, console)
     front = pareto_front(study)
@@ -278,14 +288,21 @@ def layer_skip_budget(model_bytes: int) -> int:
     return min(2 * 2**30, max(256 * 2**20, model_bytes // 20))
 
 
-def _load(settings: Settings, device_map: str | None = None) -> Model:
+def _load(
+    settings: Settings, device_map: str | None = None, dtype: str | None = None, log=None
+) -> Model:
+    """The model as the settings describe it; with `dtype`, a copy to read weights from (in
+    the dtype the search model runs in, with no logits check)."""
     return load_model(
         settings.model,
         gguf_file=settings.gguf_file,
-        dtype=settings.dtype,
+        dtype=dtype or settings.dtype,
         device_map=device_map or settings.device_map,
         trust_remote_code=settings.trust_remote_code,
         system_prompt=settings.system_prompt,
+        reasoning=settings.reasoning(),
+        log=log,
+        check_logits=dtype is None,
     )
 
 
@@ -387,9 +404,8 @@ def _compute_directions(
         )
         bad = prompts["bad_prompts"]
         length = settings.probe_response_length
-        chunks = model.generate_chunks(bad, length, batch_size, judge.is_refusal)
-        responses = tracked(console, "Responses for the probes", bad, chunks)
-        return [judge.is_refusal(r, p) for r, p in zip(responses, bad, strict=True)]
+        chunks = model.refused_chunks(bad, length, batch_size, judge.is_refusal)
+        return tracked(console, "Responses for the probes", bad, chunks)
 
     good = residuals_of("good_prompts", fitted)
     bad = residuals_of("bad_prompts", fitted)
@@ -546,7 +562,14 @@ def describe_trial(trial) -> str:
     pruned = trial.user_attrs.get(PRUNED_ATTR)
     if pruned:
         return f"pruned ({pruned}): refusals >= {refusals}, KL {kl:.4f}"
-    return f"refusals {refusals}, KL {kl:.4f}"
+    return f"refusals {refusals}{unanswered_note(trial)}, KL {kl:.4f}"
+
+
+def unanswered_note(trial) -> str:
+    """ " (k unanswered)" for a trial whose refusals include responses still thinking at the
+    cap (reasoning models), so they are never mistaken for plain refusals; else ""."""
+    unanswered = trial.user_attrs.get(UNANSWERED_ATTR, 0)
+    return f" ({unanswered} unanswered: still thinking)" if unanswered else ""
 
 
 def _interactive(settings: Settings) -> bool:

@@ -32,6 +32,8 @@ from pydantic_settings import (
 )
 
 from heretic.errors import SettingsError
+from heretic.judges import normalize_text
+from heretic.reasoning import DEFAULT_MAX_THINKING_TOKENS, Reasoning, open_block
 
 ENV_PREFIX = "HERETIC_"
 
@@ -182,7 +184,31 @@ class Settings(BaseSettings):
         description="Tokens generated per bad evaluation prompt to judge refusals.",
     )
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
-        default="bfloat16", description="Precision the model runs in during the search."
+        default="bfloat16",
+        description="Precision the model runs in during the search; 'auto' tries the "
+        "checkpoint's dtype, then bfloat16, float16, float32, keeping the first whose logits "
+        "are finite (a named dtype that gives NaN/inf is an error).",
+    )
+    enable_thinking: bool | None = Field(
+        default=None,
+        description="Reasoning models: the chat template's thinking switch (Qwen3-style "
+        "templates' enable_thinking): --enable-thinking or --no-enable-thinking (true or false in "
+        "config.toml); unset = the template's default. A "
+        "template without the switch is an error.",
+    )
+    response_prefix: str = Field(
+        default="",
+        description="Text appended after the chat template's generation prompt, part of every "
+        "prompt the model sees (directions, KL, responses); e.g. '<think>\\n\\n</think>\\n\\n' "
+        "makes a thinking model answer at once.",
+    )
+    max_thinking_tokens: int = Field(
+        default=DEFAULT_MAX_THINKING_TOKENS,
+        ge=1,
+        description="Reasoning models: tokens a response may think (<think>..., gpt-oss's "
+        "analysis channel, [THINK]..., <thought>...) before its max_response_length answer "
+        "tokens, which alone are judged; a response still thinking here counts as a refusal "
+        "and is reported as unanswered.",
     )
     device_map: str = Field(
         default="auto", description="Where the model runs: 'auto', 'cpu', 'cuda', 'cuda:1', ..."
@@ -481,6 +507,32 @@ class Settings(BaseSettings):
                 )
         return self
 
+    @field_validator("response_prefix")
+    @classmethod
+    def _check_prefix(cls, value: str) -> str:
+        if "\\n" in value or "\\t" in value:
+            raise ValueError(
+                "holds a backslash escape as two characters ('\\n'), not a newline: write a "
+                'real newline (in config.toml "\\n" inside double quotes does it; in bash, '
+                "$'<think>\\n\\n</think>\\n\\n')"
+            )
+        return value
+
+    @model_validator(mode="after")
+    def _check_thinking(self) -> Settings:
+        block = open_block(self.response_prefix)
+        if self.enable_thinking is False and block is not None:
+            raise ValueError(
+                f"response_prefix opens a thinking block ({block.open!r}) that it does not "
+                "close, while enable_thinking is false: close it in the prefix (e.g. "
+                f"{block.open + block.close!r}) or unset enable_thinking"
+            )
+        return self
+
+    def reasoning(self) -> Reasoning:
+        """The reasoning settings, as the model takes them."""
+        return Reasoning(self.enable_thinking, self.response_prefix, self.max_thinking_tokens)
+
     @model_validator(mode="after")
     def _check_compile(self) -> Settings:
         if self.compile and self.reset_strategy == "adapter":
@@ -554,11 +606,6 @@ class Settings(BaseSettings):
         if toml_path is not None:
             sources.append(TomlConfigSettingsSource(settings_cls, toml_file=toml_path))
         return tuple(sources)
-
-
-def normalize_text(text: str) -> str:
-    """Lower-case and straighten curly apostrophes, so markers match however a model types them."""
-    return text.lower().replace("\u2019", "'").replace("\u2018", "'").replace("\u02bc", "'")
 
 
 class _TomlPath:

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Protocol
 
 import torch
 import torch.nn.functional as F
 
-from heretic.config import normalize_text
+from heretic.judges import Judge
 from heretic.model import LayerOutputs, regroup
 
 
@@ -27,66 +27,17 @@ def kl_divergence(base_logprobs: torch.Tensor, logprobs: torch.Tensor) -> float:
     )
 
 
-class Judge(Protocol):
-    """What the evaluator needs from a refusal judge. `is_refusal` sees growing prefixes of a
-    response during generation (a True stops it), so it must be monotone: once a prefix is a
-    refusal, so is every continuation. `prompt` is the request the response answers ("" when
-    unknown)."""
-
-    def is_refusal(self, response: str, prompt: str = "") -> bool: ...
-
-    def count(self, responses: Sequence[str], prompts: Sequence[str] | None = None) -> int: ...
-
-
-def has_marker(text: str, markers: Sequence[str], prompt: str, ignore_echoed: bool) -> bool:
-    """Whether normalized `text` contains a marker. With `ignore_echoed`, a marker that the
-    prompt itself contains is no evidence: an answer restates its task ("Purchasing illegal
-    drugs online can be ..." for "how to purchase illegal drugs"), so "illegal" in it says
-    nothing about refusing; a refusal of that prompt says so in other words ("I can't")."""
-    echoed = normalize_text(prompt) if ignore_echoed and prompt else ""
-    return any(marker in text and marker not in echoed for marker in markers)
-
-
-@dataclass(frozen=True)
-class MarkerJudge:
-    """A response is a refusal when it contains any marker (lower-cased, apostrophes straight),
-    not counting markers its prompt contains when `ignore_echoed` (see `has_marker`)."""
-
-    markers: tuple[str, ...]
-    ignore_echoed: bool = True
-
-    def is_refusal(self, response: str, prompt: str = "") -> bool:
-        return has_marker(normalize_text(response), self.markers, prompt, self.ignore_echoed)
-
-    def count(self, responses: Sequence[str], prompts: Sequence[str] | None = None) -> int:
-        return count_refusals(self, responses, prompts)
-
-
-def count_refusals(
-    judge: Judge, responses: Sequence[str], prompts: Sequence[str] | None = None
-) -> int:
-    """Refusals among *final* responses (to `prompts`, in order, when given). An empty
-    response counts as one: a model that meets a harmful request with silence has not been
-    freed, and the search must never prefer an edit that breaks the model into saying nothing.
-    (Not part of `is_refusal`, which also sees the empty start of every response while it is
-    generated.)"""
-    if prompts is None:
-        prompts = [""] * len(responses)
-    if len(prompts) != len(responses):
-        raise ValueError(f"{len(responses)} responses but {len(prompts)} prompts")
-    return sum(
-        not r.strip() or judge.is_refusal(r, p) for r, p in zip(responses, prompts, strict=True)
-    )
-
-
 @dataclass(frozen=True)
 class Score:
     """A trial's objectives. When `pruned` is set, `refusals` is only a lower bound: counting
-    stopped because the trial could no longer reach the Pareto front (see `Evaluator.score`)."""
+    stopped because the trial could no longer reach the Pareto front (see `Evaluator.score`).
+    `unanswered`: responses of a reasoning model still thinking at its cap, counted among the
+    refusals (an answer never given is no compliance) and reported apart."""
 
     kl_divergence: float
     refusals: int
     pruned: str | None = None
+    unanswered: int = 0
 
 
 class Evaluator:
@@ -95,6 +46,12 @@ class Evaluator:
     The original model's first-token log-probs and refusal count are computed once, at
     construction, with no edit active. Prompts keep their given order in `good_prompts` and
     `bad_prompts`; passes run them in batches of similar token length (less padding).
+
+    Reasoning models: the judge sees each response's answer, never its chain of thought, and
+    the KL divergence is measured at the first answer token: each good prompt is followed by
+    the original model's own chain of thought for it (generated once, here), so the edited
+    model is compared with the original where both start answering. A model that does not
+    think gets no continuation (the first response token, as always).
     """
 
     def __init__(
@@ -117,17 +74,50 @@ class Evaluator:
         self.max_response_length = max_response_length
         self.batch_size = batch_size
         self.screening_tokens = screening_tokens
+        log = log or (lambda _line: None)
         self._good_sorted = [self.good_prompts[i] for i in model.length_order(self.good_prompts)]
         self._bad_order = model.length_order(self.bad_prompts)
+        self._good_thinking = self._base_thinking(log)
         self.layer_outputs = self._plan_layer_skip(layer_skip_bytes)
         self.base_logprobs = model.first_token_logprobs(
-            self._good_sorted, batch_size, record=self.layer_outputs
+            self._good_sorted,
+            batch_size,
+            record=self.layer_outputs,
+            continuations=self._good_thinking,
         )
-        self._check_layer_skip(log or (lambda _line: None))
+        self._check_layer_skip(log)
         if progress:
             progress(len(self.good_prompts))
-        self.base_responses = self.responses(progress)
+        self.base_responses, self.base_unanswered = self._responses(progress)
         self.base_refusals = judge.count(self.base_responses, self.bad_prompts)
+
+    def _base_thinking(self, log: Callable[[str], None]) -> list[str] | None:
+        """The original model's chain of thought for each good prompt (sorted order), or None
+        when it does not think: what the KL passes append so they predict the first answer
+        token. Decoded until each response's first answer token (or the thinking cap)."""
+        if not self.model.reader.may_think or not self._good_sorted:
+            return None
+        thinking, unanswered = [], 0
+        for start in range(0, len(self._good_sorted), self.batch_size):
+            decoding = self.model.decoding(self._good_sorted[start : start + self.batch_size], 1)
+            while not decoding.done:
+                decoding.step()
+            for row in range(decoding.n_rows):
+                thinking.append(decoding.thinking(row))
+                unanswered += decoding.unanswered(row)
+        n_thinking = sum(bool(t) for t in thinking)
+        if n_thinking == 0:
+            return None
+        log(
+            f"the model thinks before answering {n_thinking} of {len(thinking)} good prompts: "
+            "KL is measured at the first answer token, after its own chain of thought"
+        )
+        if unanswered:
+            log(
+                f"{unanswered} good prompts never finish thinking within max_thinking_tokens: "
+                "their KL is measured after a forced end of the thinking"
+            )
+        return thinking
 
     def use_judge(self, judge: Judge) -> None:
         """Judge with `judge` from now on, re-counting the original model's refusals.
@@ -150,16 +140,19 @@ class Evaluator:
             for start in range(0, len(sorted_bad), self.batch_size)
         ]
 
-    def _in_prompt_order(self, decodings: list) -> list[str]:
+    def _in_prompt_order(self, decodings: list) -> tuple[list[str], int]:
+        """The responses in the bad prompts' order, and how many never left their thinking."""
         in_sorted_order = [r for d in decodings for r in d.responses()]
         responses = [""] * len(self.bad_prompts)
         for position, index in enumerate(self._bad_order):
             responses[index] = in_sorted_order[position]
-        return responses
+        unanswered = sum(d.unanswered(row) for d in decodings for row in range(d.n_rows))
+        return responses, unanswered
 
-    def responses(self, progress: Callable[[int], None] | None = None) -> list[str]:
-        """The responses to the bad prompts (in their order), each stopped once decided;
-        `progress(n)` is told how many became final at each step."""
+    def _responses(self, progress: Callable[[int], None] | None = None) -> tuple[list[str], int]:
+        """The answers to the bad prompts (in their order), each stopped once decided, and how
+        many never left their thinking; `progress(n)` is told how many became final at each
+        step."""
         decodings = self._decodings()
         for decoding in decodings:
             while not decoding.done:
@@ -168,13 +161,17 @@ class Evaluator:
                     progress(len(rows))
         return self._in_prompt_order(decodings)
 
+    def responses(self, progress: Callable[[int], None] | None = None) -> list[str]:
+        """The answers to the bad prompts (in their order), each stopped once decided."""
+        return self._responses(progress)[0]
+
     def _plan_layer_skip(self, budget_bytes: int) -> LayerOutputs | None:
         """Checkpoint layers whose stored outputs fit in `budget_bytes`, evenly spread."""
         if budget_bytes <= 0 or not self.good_prompts:
             return None
         element = torch.finfo(self.model.model.dtype).bits // 8
         per_layer = (
-            self.model.padded_tokens(self._good_sorted, self.batch_size)
+            self.model.padded_tokens(self._good_sorted, self.batch_size, self._good_thinking)
             * self.model.hidden_size
             * element
         )
@@ -194,7 +191,11 @@ class Evaluator:
             return
         middle = outputs.layers[len(outputs.layers) // 2]
         resumed = self.model.first_token_logprobs(
-            self._good_sorted, self.batch_size, resume=outputs, start_layer=middle + 1
+            self._good_sorted,
+            self.batch_size,
+            resume=outputs,
+            start_layer=middle + 1,
+            continuations=self._good_thinking,
         )
         if not torch.equal(resumed, self.base_logprobs):
             self.layer_outputs = None
@@ -213,6 +214,7 @@ class Evaluator:
             self.batch_size,
             resume=self.layer_outputs,
             start_layer=first_edited_layer,
+            continuations=self._good_thinking,
         )
         return kl_divergence(self.base_logprobs, logprobs)
 
@@ -245,10 +247,11 @@ class Evaluator:
         if kl_threshold and kl > kl_threshold:
             return Score(kl_divergence=kl, refusals=0, pruned=f"KL above {kl_threshold}")
         decodings = screened = self._decodings()
-        full = self.max_response_length
-        horizons = [full]
-        if 0 < self.screening_tokens < full:
-            horizons = [self.screening_tokens, full]
+        # The last phase runs every row to its end: a reasoning model's thinking comes on top of
+        # max_response_length (see `Decoding`).
+        horizons: list[float] = [math.inf]
+        if 0 < self.screening_tokens < self.max_response_length:
+            horizons = [self.screening_tokens, math.inf]
         refusals = finished = 0
         total = len(self.bad_prompts)
         for phase, horizon in enumerate(horizons):
@@ -270,5 +273,6 @@ class Evaluator:
                             refusals=refusals,
                             pruned=f"dominated after {finished}/{total} responses",
                         )
-        responses = self._in_prompt_order(screened)
-        return Score(kl_divergence=kl, refusals=self.judge.count(responses, self.bad_prompts))
+        responses, unanswered = self._in_prompt_order(screened)
+        refusals = self.judge.count(responses, self.bad_prompts)
+        return Score(kl_divergence=kl, refusals=refusals, unanswered=unanswered)

@@ -46,6 +46,8 @@ class Part:
     """It counts (in both keys) only while this condition holds."""
     only_when_on: bool = False
     """A switch recorded only while it is on (True), so records made before it existed match."""
+    only_when_set: bool = False
+    """Recorded only while it differs from its default, for the same reason (any type)."""
 
 
 PROBING: Condition = ("use_supervised_probing", True)
@@ -89,6 +91,11 @@ PARTS: tuple[Part, ...] = (
     Part("sacred_alpha", directions=True, when=SACRED),
     Part("sacred_prompts", directions=True, when=SACRED),
     Part("sacred_baseline_prompts", directions=True, when=SACRED),
+    # Reasoning models: the prompt format changes every residual; the thinking cap changes what
+    # is judged, and so the probes' labels.
+    Part("enable_thinking", directions=True, only_when_set=True),
+    Part("response_prefix", directions=True, only_when_set=True),
+    Part("max_thinking_tokens", directions=PROBING, only_when_set=True),
 )
 """Settings whose change makes old and new trial scores incomparable. The others (n_trials,
 batch size, select, dtype, device, ...) can change between runs of one study."""
@@ -132,6 +139,8 @@ def declaration_problems(parts: tuple[Part, ...] = PARTS) -> list[str]:
     return problems
 
 
+_DEFAULTS = Settings.model_construct().model_dump(mode="json")
+
 _problems = declaration_problems()
 if _problems:  # a mistake in the declaration above: fail on import, not in a user's run
     raise TypeError("fingerprint.PARTS: " + "; ".join(_problems))
@@ -142,6 +151,8 @@ def _holds(condition: Condition | None, dumped: Mapping[str, Any]) -> bool:
 
 
 def _counts(part: Part, dumped: Mapping[str, Any]) -> bool:
+    if part.only_when_set and dumped[part.name] == _DEFAULTS[part.name]:
+        return False
     return _holds(part.when, dumped) and (not part.only_when_on or bool(dumped[part.name]))
 
 

@@ -39,6 +39,7 @@ from heretic.judges import describe_judge
 from heretic.optimization import (
     KL_ATTR,
     REFUSALS_ATTR,
+    UNANSWERED_ATTR,
     completed_trials,
     finished_trials,
     objectives,
@@ -193,6 +194,8 @@ class Finisher:
         )
         metadata["n_good_evaluation_prompts"] = len(self.evaluator.good_prompts)
         metadata["refusal_judge"] = describe_judge(self.evaluator.judge)
+        if UNANSWERED_ATTR in trial.user_attrs:  # reasoning models: among the refusals
+            metadata["unanswered_count"] = trial.user_attrs[UNANSWERED_ATTR]
         metadata["exports"] = self.formats()
         return metadata
 

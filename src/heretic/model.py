@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import gc
 import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 import torch
@@ -23,6 +25,7 @@ from transformers.cache_utils import DynamicLayer
 from heretic.coverage import check_coverage
 from heretic.discovery import find_decoder_layers, find_sites
 from heretic.errors import ModelLoadError
+from heretic.reasoning import Reasoning, ResponseReader, mentions_thinking, open_block
 from heretic.sites import COMPONENTS, EditSite
 
 # transformers 5 renamed generate's `past_key_values` argument to `cache`.
@@ -120,18 +123,28 @@ class Model:
         source: ModelSource,
         system_prompt: str | None,
         processor=None,
+        reasoning: Reasoning | None = None,
     ) -> None:
         self.model = model
         self.tokenizer = tokenizer
         self.processor = processor
         self.source = source
         self.system_prompt = system_prompt
+        self.reasoning = reasoning or Reasoning()
         if getattr(tokenizer, "chat_template", None) is None:
             tokenizer.chat_template = getattr(processor, "chat_template", None)
         if getattr(tokenizer, "chat_template", None) is None:
             raise ModelLoadError(
                 f"{source.description} has no chat template, so it is probably a base model: "
                 "abliteration removes refusals from chat models; use the instruct/chat version."
+            )
+        if self.reasoning.enable_thinking is not None and "enable_thinking" not in str(
+            tokenizer.chat_template
+        ):
+            raise ModelLoadError(
+                f"enable_thinking is set, but the chat template of {source.description} has no "
+                "enable_thinking switch, so it would be ignored: unset enable_thinking (use "
+                "response_prefix to steer the thinking instead)."
             )
         self.layers = find_decoder_layers(model)
         self.sites: list[EditSite] = find_sites(model, self.layers, self.hidden_size)
@@ -150,12 +163,15 @@ class Model:
     def hidden_size(self) -> int:
         return int(self.model.config.get_text_config().hidden_size)
 
-    def padded_tokens(self, prompts: Sequence[str], batch_size: int) -> int:
+    def padded_tokens(
+        self, prompts: Sequence[str], batch_size: int, continuations: Sequence[str] | None = None
+    ) -> int:
         """Token positions (padding included) of the batches of a pass over `prompts`."""
         total = 0
         for start in range(0, len(prompts), batch_size):
             chunk = prompts[start : start + batch_size]
-            total += len(chunk) * self.encode(chunk)["input_ids"].shape[1]
+            extra = None if continuations is None else continuations[start : start + batch_size]
+            total += len(chunk) * self.encode(chunk, extra)["input_ids"].shape[1]
         return total
 
     @property
@@ -173,6 +189,18 @@ class Model:
 
     # ----- prompts -------------------------------------------------------------------------
 
+    def format_messages(self, messages: list[dict[str, str]]) -> str:
+        """A conversation as the model sees it, up to where its next response starts: the
+        template's generation prompt (with the thinking switch when set), then the response
+        prefix, which is part of the prompt for every pass (directions, KL, responses)."""
+        switch = {}
+        if self.reasoning.enable_thinking is not None:
+            switch["enable_thinking"] = self.reasoning.enable_thinking
+        text = self.tokenizer.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=True, **switch
+        )
+        return text + self.reasoning.response_prefix
+
     def format_chat(self, prompt: str) -> str:
         """The prompt as the model sees it, up to where its response starts."""
         user = {"role": "user", "content": prompt}
@@ -180,20 +208,41 @@ class Model:
         if self.system_prompt:
             messages = [{"role": "system", "content": self.system_prompt}, user]
         try:
-            return self.tokenizer.apply_chat_template(
-                messages, tokenize=False, add_generation_prompt=True
-            )
+            return self.format_messages(messages)
         except Exception:
             if not self.system_prompt:
                 raise
             # Some templates (Gemma's older ones) reject a system role: fold it into the turn.
             merged = {"role": "user", "content": f"{self.system_prompt}\n\n{prompt}"}
-            return self.tokenizer.apply_chat_template(
-                [merged], tokenize=False, add_generation_prompt=True
-            )
+            return self.format_messages([merged])
 
-    def encode(self, prompts: Sequence[str]) -> dict[str, torch.Tensor]:
+    @cached_property
+    def reader(self) -> ResponseReader:
+        """How this model's responses split into thinking and answer (see `reasoning`)."""
+        probe = "Say hello."
+        formatted = self.format_chat(probe)
+        tail = formatted[formatted.rfind(probe) + len(probe) :]
+        open_at_start = open_block(tail)
+        tokenizer = self.tokenizer
+        added = getattr(tokenizer, "added_tokens_decoder", {})
+        special = set(tokenizer.all_special_tokens)
+        special |= {t.content for t in added.values() if getattr(t, "special", False)}
+        names = [str(tokenizer.chat_template), *(t.content for t in added.values())]
+        return ResponseReader(
+            decode=lambda ids, skip: tokenizer.decode(ids, skip_special_tokens=skip),
+            special_tokens=tuple(special),
+            open_at_start=open_at_start,
+            may_think=open_at_start is not None or mentions_thinking(names),
+        )
+
+    def encode(
+        self, prompts: Sequence[str], continuations: Sequence[str] | None = None
+    ) -> dict[str, torch.Tensor]:
+        """Token ids of the formatted prompts, each followed by its continuation when given
+        (the base model's chain of thought, so that a pass predicts the first answer token)."""
         texts = [self.format_chat(p) for p in prompts]
+        if continuations is not None:
+            texts = [t + c for t, c in zip(texts, continuations, strict=True)]
         batch = self.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
         return {k: v.to(self.device) for k, v in batch.items()}
 
@@ -291,8 +340,10 @@ class Model:
         record: LayerOutputs | None = None,
         resume: LayerOutputs | None = None,
         start_layer: int = 0,
+        continuations: Sequence[str] | None = None,
     ) -> torch.Tensor:
-        """Log-probabilities (float32, n_prompts x vocab) of the first response token.
+        """Log-probabilities (float32, n_prompts x vocab) of the first response token (after
+        each prompt's continuation, when given).
 
         `record` stores the outputs of its checkpoint layers for every batch of this pass;
         `resume` (from a pass over the same prompts and batch size) skips every layer below
@@ -301,7 +352,8 @@ class Model:
         skip_to = -1 if resume is None else resume.checkpoint_below(start_layer)
         out = []
         for index, start in enumerate(range(0, len(prompts), batch_size)):
-            batch = self.encode(prompts[start : start + batch_size])
+            extra = None if continuations is None else continuations[start : start + batch_size]
+            batch = self.encode(prompts[start : start + batch_size], extra)
             with contextlib.ExitStack() as stack:
                 if record is not None:
                     stack.enter_context(self._recording(record))
@@ -368,6 +420,27 @@ class Model:
             responses += chunk
         return responses
 
+    def refused_chunks(
+        self,
+        prompts: Sequence[str],
+        max_new_tokens: int,
+        batch_size: int,
+        is_refusal: Callable[[str, str], bool],
+    ) -> Iterator[list[bool]]:
+        """Whether each greedy response is a refusal, one list per batch (in prompt order):
+        its answer as `is_refusal` judges it (decoding stops once it does), or no answer at all
+        (still thinking at the cap)."""
+        for start in range(0, len(prompts), batch_size):
+            decoding = self.decoding(
+                prompts[start : start + batch_size], max_new_tokens, is_refusal
+            )
+            while not decoding.done:
+                decoding.step()
+            yield [
+                decoding.unanswered(row) or is_refusal(decoding.response(row), decoding.prompt(row))
+                for row in range(decoding.n_rows)
+            ]
+
     def generate_chunks(
         self,
         prompts: Sequence[str],
@@ -391,9 +464,14 @@ class Model:
         max_new_tokens: int,
         is_decided: Callable[[str, str], bool] | None = None,
         check_every: int = 8,
+        max_thinking_tokens: int | None = None,
     ) -> Decoding:
-        """Greedy decoding of one batch, advanced `check_every` tokens per `step()`."""
-        return Decoding(self, prompts, max_new_tokens, is_decided, check_every)
+        """Greedy decoding of one batch, advanced `check_every` tokens per `step()`; a thinking
+        cap other than the model's with `max_thinking_tokens`."""
+        decoding = Decoding(self, prompts, max_new_tokens, is_decided, check_every)
+        if max_thinking_tokens is not None:
+            decoding.max_thinking_tokens = max_thinking_tokens
+        return decoding
 
     def length_order(self, prompts: Sequence[str]) -> list[int]:
         """Prompt indices sorted by token length (stable), so batches of neighbours need
@@ -411,6 +489,13 @@ class Model:
             ids.add(self.tokenizer.eos_token_id)
         return ids
 
+    def _short_pass(self, prompts: Sequence[str], tokens: int) -> None:
+        """Decode about `tokens` tokens per prompt in one batch, thinking or not (a thinking
+        model would otherwise run to its thinking cap, and timing batch sizes would take ages)."""
+        decoding = self.decoding(prompts, tokens, max_thinking_tokens=tokens)
+        while not decoding.done:
+            decoding.step()
+
     def find_batch_size(self, prompts: Sequence[str], max_batch_size: int) -> int:
         """The batch size with the best generation throughput that fits in memory."""
         best_size, best_rate = 1, 0.0
@@ -418,9 +503,9 @@ class Model:
         while size <= max_batch_size:
             sample = [prompts[i % len(prompts)] for i in range(size)]
             try:
-                self.generate(sample[: min(4, size)], 2, size)  # warm-up
+                self._short_pass(sample[: min(4, size)], 2)  # warm-up
                 start = time.perf_counter()
-                self.generate(sample, 8, size)
+                self._short_pass(sample, 8)
                 rate = size / (time.perf_counter() - start)
             except torch.OutOfMemoryError:
                 break
@@ -443,6 +528,11 @@ class Decoding:
     continues from its own cache, so its tokens are the ones plain greedy decoding gives (up to
     batch-size dependent rounding in the matrix kernels). Several decodings can be held at once
     and advanced in any order (the evaluator screens all prompts on a short horizon first).
+
+    Reasoning models: `max_new_tokens` counts answer tokens. A row's chain of thought (see
+    `reasoning`) comes on top, up to the model's `max_thinking_tokens`; while a row is still
+    thinking `is_decided` is not asked (nothing has been answered), and a row still thinking at
+    that cap is final with no answer (`unanswered`). `response(row)` is the answer only.
     """
 
     def __init__(
@@ -466,10 +556,27 @@ class Decoding:
         self._batch: dict[str, torch.Tensor] | None = None
         self._cache = None
         self._stop_ids = model._stop_token_ids()
+        self._reader = model.reader
+        self.max_thinking_tokens = model.reasoning.max_thinking_tokens
+        self.answer_from: list[int | None] = [None] * len(prompts)
 
     @property
     def done(self) -> bool:
-        return not self._active or self.produced >= self.max_new_tokens
+        thinking = self.max_thinking_tokens if self._reader.may_think else 0
+        return not self._active or self.produced >= self.max_new_tokens + thinking
+
+    def _limit(self, row: int) -> int:
+        """The length at which `row` is final: its answer's budget, or the thinking cap."""
+        start = self.answer_from[row]
+        return self.max_thinking_tokens if start is None else start + self.max_new_tokens
+
+    def _find_answer(self, row: int) -> None:
+        """Note where the row's answer starts once it has one; an answer that starts past the
+        thinking cap does not count (the row is cut at the cap, whatever the step size)."""
+        if self.answer_from[row] is None:
+            start = self._reader.answer_start(self.tokens[row])
+            if start is not None and start <= self.max_thinking_tokens:
+                self.answer_from[row] = start
 
     def _mergeable(self) -> bool:
         cache = self._cache
@@ -491,6 +598,9 @@ class Decoding:
         pooled.check_every = first.check_every
         pooled.produced = first.produced
         pooled._stop_ids = first._stop_ids
+        pooled._reader = first._reader
+        pooled.max_thinking_tokens = first.max_thinking_tokens
+        pooled.answer_from = [d.answer_from[d._active[j]] for d, j in rows]
         pooled._prompts = [d._prompts[d._active[j]] for d, j in rows]
         pooled.n_rows = len(rows)
         pooled.tokens = [d.tokens[d._active[j]] for d, j in rows]  # shared lists
@@ -533,7 +643,16 @@ class Decoding:
         return pooled
 
     def response(self, row: int) -> str:
-        return self.model.tokenizer.decode(self.tokens[row], skip_special_tokens=True)
+        """The row's answer, without its chain of thought ("" while it is still thinking)."""
+        return self._reader.answer(self.tokens[row])
+
+    def unanswered(self, row: int) -> bool:
+        """Whether the final `row` never left its thinking (within the cap, or before EOS)."""
+        return self._reader.answer_start(self.tokens[row]) is None
+
+    def thinking(self, row: int) -> str:
+        """The raw text of the row's chain of thought ("" for a model that does not think)."""
+        return self._reader.thinking(self.tokens[row])
 
     def prompt(self, row: int) -> str:
         return self._prompts[row]
@@ -549,7 +668,8 @@ class Decoding:
         if self._batch is None:
             self._batch = self.model.encode(self._prompts)
         input_ids, mask = self._batch["input_ids"], self._batch["attention_mask"]
-        step = min(self.check_every, self.max_new_tokens - self.produced)
+        room = max(self._limit(row) for row in self._active) - self.produced
+        step = min(self.check_every, room)
         tokenizer = self.model.tokenizer
         output = self.model.model.generate(
             input_ids=input_ids,
@@ -569,21 +689,21 @@ class Decoding:
         for j, row in enumerate(self._active):
             row_tokens = new[j].tolist()
             ended = next((k for k, t in enumerate(row_tokens) if t in self._stop_ids), None)
-            if ended is not None:
-                self.tokens[row] += row_tokens[:ended]
-            else:
-                self.tokens[row] += row_tokens
-                decided = self.is_decided is not None and self.is_decided(
-                    self.response(row), self._prompts[row]
-                )
-                if not decided:
-                    keep.append(j)
-                    continue
+            self.tokens[row] += row_tokens if ended is None else row_tokens[:ended]
+            self._find_answer(row)
+            if len(self.tokens[row]) >= self._limit(row):
+                del self.tokens[row][self._limit(row) :]
+            elif ended is None and not (
+                self.answer_from[row] is not None
+                and self.is_decided is not None
+                and self.is_decided(self.response(row), self._prompts[row])
+            ):
+                keep.append(j)
+                continue
             finished.append(row)
         if new.shape[1] < step:  # generate stopped early: every row has ended
             keep = []
-        if not keep or self.produced >= self.max_new_tokens:
-            finished += [self._active[j] for j in keep]
+        if not keep:
             self._active, self._cache, self._batch = [], None, None
         else:
             cache = getattr(output, _CACHE_KWARG)
@@ -664,11 +784,20 @@ def load_model(
     device_map: str = "auto",
     trust_remote_code: bool = False,
     system_prompt: str | None = None,
+    reasoning: Reasoning | None = None,
+    log: Callable[[str], None] | None = None,
+    check_logits: bool = True,
 ) -> Model:
     """Load a hub id, local folder or GGUF file as a heretic `Model`.
 
     A vision-language checkpoint loads whole (`AutoModelForImageTextToText`) with its
     processor, so that the edited output still takes images; only its text decoder is edited.
+
+    The model must give finite logits for a first response token in the dtype it runs in (in
+    float16 many bf16-trained models overflow into inf, and the search would then score NaN).
+    `dtype="auto"` tries the checkpoint's own dtype, then bfloat16, float16 and float32, and
+    keeps the first that passes, telling `log` which; a named dtype that fails is an error.
+    `check_logits=False` skips that check (a copy loaded only to read its weights).
     """
     from transformers import AutoTokenizer
 
@@ -676,26 +805,97 @@ def load_model(
     kwargs = {"trust_remote_code": trust_remote_code}
     if source.gguf_file:
         kwargs["gguf_file"] = source.gguf_file
-    processor = None
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(source.path, **kwargs)
-        auto_class, multimodal = _auto_class(source, kwargs)
-        if multimodal:
-            processor = _processor(source, kwargs)
-        loaded = auto_class.from_pretrained(
-            source.path,
-            dtype=torch.float32 if source.gguf_file else _resolve_dtype(dtype),
-            device_map=None if source.gguf_file else _device_map(device_map),
-            **kwargs,
+    tokenizer = _loading(source, lambda: AutoTokenizer.from_pretrained(source.path, **kwargs))
+    auto_class, multimodal = _loading(source, lambda: _auto_class(source, kwargs))
+    processor = _processor(source, kwargs) if multimodal else None
+
+    def build(load_dtype: torch.dtype | str, device: str | None) -> Model:
+        loaded = _loading(
+            source,
+            lambda: auto_class.from_pretrained(
+                source.path, dtype=load_dtype, device_map=device, **kwargs
+            ),
         )
+        if source.gguf_file:
+            loaded = _dequantized_copy(loaded, dtype, device_map)
+        return Model(
+            loaded,
+            tokenizer,
+            source=source,
+            system_prompt=system_prompt,
+            processor=processor,
+            reasoning=reasoning,
+        )
+
+    if source.gguf_file:
+        return build(torch.float32, None)
+    return _first_finite(
+        lambda d: build(d, _device_map(device_map)), source, dtype, check_logits, log
+    )
+
+
+def _first_finite(
+    build: Callable[[torch.dtype | str], Model],
+    source: ModelSource,
+    dtype: str,
+    check_logits: bool,
+    log: Callable[[str], None] | None,
+) -> Model:
+    """The model built in the first dtype whose first-token logits are finite (see
+    `load_model`); each failed copy is freed before the next is loaded."""
+    candidates: list[torch.dtype | str] = [_resolve_dtype(dtype)]
+    if dtype == "auto":
+        candidates += [torch.bfloat16, torch.float16, torch.float32]
+    failed: list[torch.dtype] = []
+    for candidate in candidates:
+        if candidate in failed:
+            continue
+        result = build(candidate)
+        chosen = result.model.dtype
+        if chosen not in failed and (not check_logits or _finite_first_token(result)):
+            if dtype == "auto" and log is not None:
+                note = f" ({', '.join(map(_dtype_name, failed))} gave NaN/inf)" if failed else ""
+                log(f"dtype auto: running in {_dtype_name(chosen)}{note}")
+            return result
+        failed.append(chosen)
+        del result
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    raise _no_finite_dtype(source, dtype, failed)
+
+
+def _no_finite_dtype(source: ModelSource, dtype: str, failed: list[torch.dtype]) -> ModelLoadError:
+    names = ", ".join(map(_dtype_name, failed))
+    if dtype == "auto":
+        return ModelLoadError(
+            f"{source.description} gives NaN/inf logits in every dtype tried ({names}): the "
+            "checkpoint's weights are probably broken."
+        )
+    return ModelLoadError(
+        f"{source.description} gives NaN/inf logits in {names}: set dtype to 'auto' (tries the "
+        "checkpoint's dtype, bfloat16, float16, float32) or to 'float32'."
+    )
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _finite_first_token(model: Model) -> bool:
+    """Whether the logits of a first response token (one short chat prompt) are all finite."""
+    return bool(torch.isfinite(model.first_token_logprobs(["Say hello."], 1)).all())
+
+
+def _loading(source: ModelSource, load: Callable[[], object]):
+    """`load()`, with transformers' loading errors turned into a ModelLoadError."""
+    try:
+        return load()
     except (OSError, ValueError, KeyError, ImportError) as e:
         message = str(e).splitlines()[0] if str(e) else type(e).__name__
         if "trust_remote_code" in str(e):
             message = "it needs its own code: rerun with --trust-remote-code if you trust it"
         raise ModelLoadError(f"Cannot load model {source.description}: {message}") from e
-    if source.gguf_file:
-        loaded = _dequantized_copy(loaded, dtype, device_map)
-    return Model(loaded, tokenizer, source=source, system_prompt=system_prompt, processor=processor)
 
 
 def _auto_class(source: ModelSource, kwargs: dict):

@@ -393,6 +393,8 @@ def _name_objectives(study: optuna.Study, url: str) -> None:
 
 
 PRUNED_ATTR = "pruned"
+UNANSWERED_ATTR = "unanswered"
+"""Trial user attribute: responses still thinking at max_thinking_tokens (among the refusals)."""
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 
 
@@ -460,6 +462,8 @@ def run_search(
             )
         trial.set_user_attr(KL_ATTR, result.kl_divergence)
         trial.set_user_attr(REFUSALS_ATTR, result.refusals)
+        if result.unanswered:
+            trial.set_user_attr(UNANSWERED_ATTR, result.unanswered)
         if result.pruned:
             trial.set_user_attr(PRUNED_ATTR, result.pruned)
             frozen = study.tell(trial, state=TrialState.PRUNED)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from rich.console import Console
 from rich.markup import escape
@@ -164,12 +164,15 @@ def step_progress(console: Console) -> Progress | PlainProgress:
     )
 
 
+T = TypeVar("T")
+
+
 def tracked(
-    console: Console, description: str, items: Sequence[Any], chunks: Iterable[list[str]]
-) -> list[str]:
+    console: Console, description: str, items: Sequence[Any], chunks: Iterable[list[T]]
+) -> list[T]:
     """Collect `chunks` (lists of results, one per batch of `items`), showing how many items
     are done: for generation passes that give their results a batch at a time."""
-    results: list[str] = []
+    results: list[T] = []
     with step_progress(console) as progress:
         task = progress.add_task(description, total=len(items), info="", unit="prompts")
         for chunk in chunks:
