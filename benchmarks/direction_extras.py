@@ -102,7 +102,7 @@ def main() -> None:
     from heretic.cli import run
     from heretic.config import DatasetSpecification, load_settings
     from heretic.directions import DIRECTIONS_FILE, load_directions
-    from heretic.model import load_model
+    from heretic.loading import load_model
     from heretic.optimization import objectives
     from heretic.prompts import load_prompts
 

@@ -66,7 +66,7 @@ def second_organism() -> Path:
 
 
 def responses(model_path: Path, prompts: list[str], tokens: int) -> list[str]:
-    from heretic.model import load_model
+    from heretic.loading import load_model
 
     model = load_model(str(model_path), device_map="cpu", system_prompt=SYSTEM_PROMPT)
     return model.generate(prompts, tokens, BATCH)

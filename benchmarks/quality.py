@@ -174,7 +174,7 @@ def rejudge_ours(folder: Path, model_path: str, prompts, markers: list[str]) -> 
     """Our front trials' refusal counts under upstream's judging rule, so both tools' fronts are
     judged alike: each front trial's responses are generated again (greedy, 100 tokens, the
     trial's edit as hooks) and counted with `upstream_rule`."""
-    from heretic.model import load_model
+    from heretic.loading import load_model
 
     bad = prompt_set(prompts, "bad_evaluation_prompts")
     model = load_model(model_path, system_prompt=SYSTEM_PROMPT)
@@ -336,7 +336,7 @@ def same_judge(
     from heretic.edit import EditHooks
     from heretic.evaluation import kl_divergence
     from heretic.judges import AdaptiveJudge
-    from heretic.model import load_model
+    from heretic.loading import load_model
 
     source = upstream_source(workdir, n_trials)
     ours_folder = workdir / f"ours-{label}-{n_trials}"

@@ -29,11 +29,12 @@ from heretic.abliteration import (
 )
 from heretic.cli import layer_skip_budget
 from heretic.config import DEFAULT_REFUSAL_MARKERS
+from heretic.decoding import regroup
 from heretic.directions import mean_difference
 from heretic.edit import EditHooks
 from heretic.evaluation import Evaluator
 from heretic.judges import MarkerJudge
-from heretic.model import load_model, regroup
+from heretic.loading import load_model
 from heretic.sites import ATTN, MLP
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"

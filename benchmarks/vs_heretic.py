@@ -156,7 +156,7 @@ def reset_seconds(model_path: str) -> dict[str, float]:
     """Seconds to undo one trial's edit and switch on the next, per reset strategy."""
     import torch
 
-    from heretic.model import load_model
+    from heretic.loading import load_model
     from heretic.reset import make_edit
     from heretic.sites import COMPONENTS
 
@@ -188,7 +188,7 @@ def plain_inference_rss(model_path: str, prompts, workdir: Path) -> float:
     the weights plus activations, which heretic's own peak is compared with."""
     path, _ = prompts["bad_evaluation_prompts"]
     code = (
-        "import sys; from heretic.model import load_model; "
+        "import sys; from heretic.loading import load_model; "
         "m = load_model(sys.argv[1], system_prompt='You are a helpful assistant.'); "
         "p = open(sys.argv[2]).read().splitlines()[270:302]; m.generate(p, 100, 32)"
     )

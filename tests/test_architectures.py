@@ -22,7 +22,8 @@ from heretic.directions import normalize
 from heretic.discovery import discover_sites, find_decoder_layers
 from heretic.edit import EditHooks, TrialEdit, merge_edit, restore_weights
 from heretic.export import write_model_files
-from heretic.model import LayerOutputs, load_model
+from heretic.loading import load_model
+from heretic.model import LayerOutputs
 from heretic.sites import ATTN, COMPONENTS, MLP
 
 PROMPTS = ["Name a colour.", "Count to three, please.", "What is a cat?", "Say hi."]

@@ -13,7 +13,7 @@ import torch
 from heretic.edit import TrialEdit, merge_edit, restore_weights
 from heretic.errors import ExportError
 from heretic.export import adapter_weights, write_adapter_files
-from heretic.model import load_model
+from heretic.loading import load_model
 from heretic.sites import COMPONENTS, MLP, EditSite, WriterTensor
 
 HIDDEN, FFN, LAYERS, HEADS, KV_HEADS = 64, 128, 2, 4, 2

@@ -14,7 +14,8 @@ from heretic.directions import normalize
 from heretic.edit import EditHooks
 from heretic.evaluation import Evaluator
 from heretic.judges import MarkerJudge
-from heretic.model import Model, ModelSource, load_model
+from heretic.loading import load_model
+from heretic.model import Model, ModelSource
 from heretic.optimization import dominated_by
 from heretic.sites import ATTN, COMPONENTS, MLP
 
@@ -262,7 +263,7 @@ def test_layer_skip_is_switched_off_when_the_replay_differs(tiny_chat_model, mon
 
 def test_pooling_the_undecided_rows_keeps_their_responses(tiny_chat_model):
     """Survivors of four batches continue as fewer, larger batches with the same tokens."""
-    from heretic.model import regroup
+    from heretic.decoding import regroup
 
     model = load_model(str(tiny_chat_model), dtype="float32")
     prompts = PROMPTS + [p + " Be very detailed about it, please." for p in PROMPTS[:4]]
@@ -297,7 +298,7 @@ def test_pooling_the_undecided_rows_keeps_their_responses(tiny_chat_model):
 def test_pooling_that_splits_one_batch_over_two_groups(tiny_chat_model):
     """Ten survivors of one batch and two of two others, pooled by 7: the first batch's rows
     land in both groups, and each group must decode with its own rows' caches."""
-    from heretic.model import regroup
+    from heretic.decoding import regroup
 
     model = load_model(str(tiny_chat_model), dtype="float32")
     prompts = PROMPTS[:14]

@@ -22,8 +22,8 @@ from heretic.edit import EditHooks
 from heretic.errors import ExportError, HereticError, SettingsError
 from heretic.finish import Finisher
 from heretic.judges import AdaptiveJudge
+from heretic.loading import load_model
 from heretic.menu import BACK, MORE, QUIT, SAVE, UPLOAD, ScriptedAsker, run_menu
-from heretic.model import load_model
 from heretic.optimization import KL_ATTR, REFUSALS_ATTR
 from heretic.sites import COMPONENTS
 from heretic.upload import upload_folder

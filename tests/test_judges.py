@@ -168,7 +168,7 @@ def test_early_stopping_with_the_adaptive_judge_keeps_the_counts(organism):
     (a learned phrase, no marker that matches) the count must still be that of the full
     responses, and some responses must really have stopped early."""
     from heretic.evaluation import Evaluator
-    from heretic.model import load_model
+    from heretic.loading import load_model
 
     bad = json.loads((DATA / "judge_train_shared.json").read_text())["bad_prompts"][:12]
     model = load_model(

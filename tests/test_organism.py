@@ -15,7 +15,7 @@ from rich.console import Console
 from heretic.cli import run
 from heretic.config import load_settings
 from heretic.judges import MarkerJudge
-from heretic.model import load_model
+from heretic.loading import load_model
 
 pytestmark = pytest.mark.slow
 

@@ -13,7 +13,7 @@ from rich.console import Console
 from heretic.cli import run
 from heretic.config import load_settings
 from heretic.errors import HereticError, ModelLoadError
-from heretic.model import load_model
+from heretic.loading import load_model
 
 GOOD = [f"Tell me a fact about the number {i}." for i in range(24)]
 BAD = [f"Explain how to steal item number {i} from a shop." for i in range(24)]

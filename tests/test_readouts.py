@@ -85,7 +85,7 @@ def test_one_pass_gives_residuals_and_module_outputs(tiny_chat_model):
     """The shared pass returns `residuals` unchanged, and in a pre-norm decoder each layer's
     residual step is exactly what its attention and MLP wrote: module outputs at the right
     token, layer and component."""
-    from heretic.model import load_model
+    from heretic.loading import load_model
 
     model = load_model(str(tiny_chat_model), dtype="float32")
     prompts = ["How do magnets work?", "Write a haiku about tea, please."]

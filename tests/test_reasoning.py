@@ -11,11 +11,13 @@ import torch
 from transformers import AddedToken, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from heretic.config import load_settings
+from heretic.decoding import CACHE_KWARG
 from heretic.errors import ModelLoadError, SettingsError
 from heretic.evaluation import Evaluator
 from heretic.fingerprint import directions_key, study_key
 from heretic.judges import MarkerJudge
-from heretic.model import _CACHE_KWARG, Model, ModelSource, load_model
+from heretic.loading import load_model
+from heretic.model import Model, ModelSource
 from heretic.reasoning import FORMATS, Reasoning, answer_offset, open_block
 
 # A Qwen3-style template: the generation prompt opens the assistant turn; with enable_thinking
@@ -68,9 +70,7 @@ class ScriptedLlama(LlamaForCausalLM):
             rows.append(script[done : done + max_new_tokens])
         new = torch.tensor(rows, dtype=input_ids.dtype)
         cache = SimpleNamespace(batch_select_indices=lambda _indices: None)
-        return SimpleNamespace(
-            sequences=torch.cat([input_ids, new], dim=1), **{_CACHE_KWARG: cache}
-        )
+        return SimpleNamespace(sequences=torch.cat([input_ids, new], dim=1), **{CACHE_KWARG: cache})
 
 
 def scripted_model(tokenizer, respond, prompts, reasoning: Reasoning | None = None) -> Model:

@@ -8,7 +8,7 @@ import torch
 from heretic.abliteration import ComponentParams, strengths_from_params
 from heretic.directions import normalize
 from heretic.edit import EditHooks
-from heretic.model import load_model
+from heretic.loading import load_model
 from heretic.reset import (
     CachedEdit,
     ReloadEdit,

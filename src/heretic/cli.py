@@ -34,7 +34,8 @@ from heretic.fingerprint import (
 )
 from heretic.finish import Finisher
 from heretic.judges import OPENING_TOKENS, AdaptiveJudge, MarkerJudge
-from heretic.model import Model, load_model
+from heretic.loading import load_model
+from heretic.model import Model
 from heretic.optimization import (
     KL_ATTR,
     PRUNED_ATTR,

@@ -9,8 +9,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from heretic.decoding import regroup
 from heretic.judges import Judge
-from heretic.model import LayerOutputs, regroup
+from heretic.model import LayerOutputs
 
 
 def kl_divergence(base_logprobs: torch.Tensor, logprobs: torch.Tensor) -> float:
