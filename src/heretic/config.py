@@ -340,6 +340,14 @@ class Settings(BaseSettings):
         description="What to save, comma-separated: 'model' (merged safetensors), 'adapter' "
         "(PEFT LoRA, OUTPUT_DIR/adapter), 'gguf'; 'auto' = gguf for a GGUF input, else model.",
     )
+    export_method: Literal["shards", "in_memory"] = Field(
+        default="shards",
+        description="How the merged model is written: 'shards' rewrites the source safetensors "
+        "checkpoint shard by shard, editing only the edited tensors in their stored dtype "
+        "(memory: the tensor in flight); 'in_memory' merges into the loaded model and calls "
+        "save_pretrained (memory: the whole model). A GGUF input, or a checkpoint the shard "
+        "export cannot map, falls back to in_memory with a notice.",
+    )
     gguf_type: Literal["auto", "f16", "q8_0"] = Field(
         default="auto",
         description="Type of the edited tensors in a GGUF export ('auto': F32/F16/BF16 inputs "

@@ -5,7 +5,8 @@ The interactive menu (`menu.py`) and the headless path (`--select`, `--save`,
 what the menu does.
 
 Saving writes, for the chosen trial:
-- `OUTPUT_DIR/model/`: the merged model (safetensors + tokenizer) and/or the edited GGUF file,
+- `OUTPUT_DIR/model/`: the merged model (safetensors + tokenizer; by default the source
+  checkpoint rewritten shard by shard, see `shard_export.py`) and/or the edited GGUF file,
   plus the model card `README.md`; this is the folder that is uploaded;
 - `OUTPUT_DIR/adapter/`: the edit alone as a PEFT LoRA adapter (`--export adapter`), with its
   own card;
@@ -47,6 +48,8 @@ from heretic.optimization import (
     pareto_front,
 )
 from heretic.plots import TrialPoint, pareto_plot, residual_plot
+from heretic.shard_edits import plan_shard_export
+from heretic.shard_export import ShardExportUnsupported, write_edited_checkpoint
 from heretic.upload import UploadResult, upload_folder
 
 GGUF_FROM_SAFETENSORS_HINT = (
@@ -271,6 +274,44 @@ class Finisher:
         )
 
     def _write_merged(self, strengths, directions: torch.Tensor, folder: Path) -> None:
+        """Shard by shard from the source checkpoint when possible (see `shard_export`), else
+        merged into the loaded model and saved with save_pretrained."""
+        plan = self._shard_plan(self._trial_edit(strengths, directions))
+        if plan is None:
+            self._write_in_memory(strengths, directions, folder)
+            return
+        checkpoint, edits = plan
+        report = write_edited_checkpoint(
+            checkpoint, edits, folder, progress=lambda line: self.console.print(f"  {line}")
+        )
+        if not (folder / "tokenizer_config.json").is_file():
+            (self.model.processor or self.model.tokenizer).save_pretrained(folder)
+        self.console.print(
+            f"  safetensors: {len(report.edited)} edited tensors, {report.copied} copied "
+            f"unchanged, {report.shards} shards ({report.nbytes / 1e9:.2f} GB)"
+        )
+        if report.files_left_out:
+            self.console.print(f"  left out: {', '.join(report.files_left_out)}")
+
+    def _shard_plan(self, edit: TrialEdit):
+        """(checkpoint, edits) for the shard export, or None (with a notice) where the loaded
+        model has to be saved instead."""
+        if self.settings.export_method != "shards":
+            return None
+        source = self.model.source
+        if source.gguf_file is not None:
+            self.console.print("  (GGUF input: the merged model is saved from memory)")
+            return None
+        try:
+            return plan_shard_export(source.path, self.model.sites, edit)
+        except ShardExportUnsupported as e:
+            self.console.print(
+                f"[yellow]Shard-by-shard export is not possible: {e} Saving the loaded model "
+                "with save_pretrained instead (the whole model in memory).[/]"
+            )
+            return None
+
+    def _write_in_memory(self, strengths, directions: torch.Tensor, folder: Path) -> None:
         originals = merge_edit(self.model.sites, self._trial_edit(strengths, directions))
         try:
             write_model_files(self.model.model, self.model.tokenizer, folder, self.model.processor)
