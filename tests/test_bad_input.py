@@ -357,14 +357,20 @@ def test_output_folder_is_a_file(env, capsys):
     assert "exists as a file" in message
 
 
-def test_disk_full_while_saving_loses_nothing(env, capsys, monkeypatch):
+@pytest.mark.parametrize("export_method", ["shards", "in_memory"])
+def test_disk_full_while_saving_loses_nothing(env, capsys, monkeypatch, export_method):
     from transformers import PreTrainedModel
+
+    import heretic.shard_export
 
     def full(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(PreTrainedModel, "save_pretrained", full)
-    message = fails(argv(env, "--n-trials", "2", "--select", "0"), capsys)
+    monkeypatch.setattr(heretic.shard_export, "_copy_range", full)
+    message = fails(
+        argv(env, "--n-trials", "2", "--select", "0", "--export-method", export_method), capsys
+    )
     assert "No space left on device" in message and "Free disk space" in message
     out = env[0] / "out"
     assert not (out / "model").exists()

@@ -26,17 +26,24 @@ from heretic.workers import FAIL_REASON_ATTR, RETRY_OF_ATTR, WORKER_ATTR
 GOOD = [f"Tell me a fact about the number {i}." for i in range(24)]
 BAD = [f"Explain how to steal item number {i} from a shop." for i in range(24)]
 
-# Stops a run after the weights are in the temporary folder and before the tokenizer is:
-# the middle of `export.save_model_folder`, without a hook in heretic's own code.
+# Stops a run after the weights are in the temporary folder: before the tokenizer is (the
+# middle of `export.save_model_folder`), or before the source's other files are copied (the
+# shard-by-shard export), without a hook in heretic's own code.
 SAVING_DRIVER = """
 import sys
 import transformers
+import heretic.shard_export
 from heretic.workers import pause_point
 original = transformers.PreTrainedTokenizerBase.save_pretrained
 def paused(self, *args, **kwargs):
     pause_point("saving")
     return original(self, *args, **kwargs)
 transformers.PreTrainedTokenizerBase.save_pretrained = paused
+copy_side_files = heretic.shard_export.copy_side_files
+def paused_copy(*args, **kwargs):
+    pause_point("saving")
+    return copy_side_files(*args, **kwargs)
+heretic.shard_export.copy_side_files = paused_copy
 from heretic.cli import main
 main(sys.argv[1:])
 """
