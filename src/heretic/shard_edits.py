@@ -21,7 +21,6 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
 import torch
-from torch import nn
 
 from heretic.abliteration import RowEdit
 from heretic.edit import TrialEdit, edited_tensor
@@ -195,10 +194,3 @@ def plan_shard_export(
     check_edits(checkpoint, edits)
     return checkpoint, edits
 
-
-def meta_sites(model: nn.Module) -> list[EditSite]:
-    """The edit sites of a model built on the meta device (names and axes only)."""
-    from heretic.discovery import find_decoder_layers, find_sites
-
-    config = model.config.get_text_config()
-    return find_sites(model, find_decoder_layers(model), config.hidden_size)
