@@ -193,4 +193,3 @@ def plan_shard_export(
     edits = checkpoint_edits(sites, edit, shapes, lambda name: stored_tensor(shards[name], name))
     check_edits(checkpoint, edits)
     return checkpoint, edits
-
