@@ -18,7 +18,7 @@ from tiny_models import FAMILIES, tiny_model
 
 from heretic.edit import EditHooks, TrialEdit, merge_edit
 from heretic.errors import ExportError
-from heretic.model import load_model
+from heretic.loading import load_model
 from heretic.shard_edits import _checkpoint_names, edited_in_place, plan_shard_export
 from heretic.shard_export import (
     INDEX_FILE,
@@ -247,10 +247,14 @@ def test_blockwise_edit_is_bit_for_bit_the_merge(mode):
 
 
 def test_checkpoint_without_the_model_prefix(tmp_path, chat_tokenizer_dir):
-    """A base-model checkpoint (`layers.N...`) loaded as a causal LM (`model.layers.N...`)."""
+    """A base-model checkpoint (`layers.N...`) declared and loaded as a causal LM
+    (`model.layers.N...`)."""
     source = _save_sharded(
         _llama(chat_tokenizer_dir, torch.bfloat16, base=True), chat_tokenizer_dir, tmp_path / "s"
     )
+    config = json.loads((source / "config.json").read_text())
+    config["architectures"] = ["LlamaForCausalLM"]
+    (source / "config.json").write_text(json.dumps(config))
     model = load_model(str(source), dtype="bfloat16")
     directions, strengths = _edit()
     edit = TrialEdit(strengths, directions)
