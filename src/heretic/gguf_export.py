@@ -16,8 +16,9 @@ same one the refusal directions live in (a test compares logits against the merg
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any, Literal
 
@@ -127,16 +128,12 @@ def _edited_type(original, requested: EditedType, row_length: int):
     return Q.Q8_0 if row_length % 32 == 0 else Q.F16
 
 
-def _edit_tensor(tensor, edit: TensorEdit, hidden_size: int, requested: EditedType):
-    from gguf import GGMLQuantizationType as Q
-    from gguf.quants import dequantize, quantize
-
-    values = dequantize(tensor.data, tensor.tensor_type).astype(np.float32)
+def _edited_values(name: str, values: np.ndarray, edit: TensorEdit, hidden_size: int):
     if values.ndim == 1:
-        return _edit_bias(tensor.name, values, edit, hidden_size)
+        return _edit_bias(name, values, edit, hidden_size)
     if values.shape[-2] != hidden_size:
         raise ExportError(
-            f"GGUF tensor {tensor.name} has shape {tuple(values.shape)}, whose output axis is not "
+            f"GGUF tensor {name} has shape {tuple(values.shape)}, whose output axis is not "
             f"the hidden size {hidden_size}: cannot edit it; use --export model instead."
         )
     w = torch.from_numpy(values)
@@ -146,21 +143,11 @@ def _edit_tensor(tensor, edit: TensorEdit, hidden_size: int, requested: EditedTy
         edited = torch.stack(
             [edited_weight(m, edit.direction, edit.weight, "none", edit.readout) for m in w]
         )
-    qtype = _edited_type(tensor.tensor_type, requested, values.shape[-1])
-    array = edited.numpy()
-    if qtype == Q.F32:
-        data = array.astype(np.float32)
-    elif qtype == Q.F16:
-        data = array.astype(np.float16)
-    else:
-        data = quantize(array, qtype)
-    return data, qtype
+    return edited.numpy()
 
 
 def _edit_bias(name: str, values: np.ndarray, edit: TensorEdit, hidden_size: int):
     """A writer's bias changes like a module output: `b - w a (v . b)`."""
-    from gguf import GGMLQuantizationType as Q
-
     if values.shape[0] != hidden_size or edit.row_normalization != "none":
         raise ExportError(
             f"GGUF tensor {name} is a bias that this edit (row normalization "
@@ -168,8 +155,26 @@ def _edit_bias(name: str, values: np.ndarray, edit: TensorEdit, hidden_size: int
         )
     read = edit.direction if edit.readout is None else edit.readout
     row = RowEdit(a=edit.direction.float(), b=read.float(), weight=edit.weight)
-    edited = row.apply(torch.from_numpy(values)).numpy().astype(np.float32)
-    return edited, Q.F32
+    return row.apply(torch.from_numpy(values)).numpy()
+
+
+def _encoded(values: np.ndarray, original, requested: EditedType):
+    """New float32 values in the type they are written in (vectors stay F32)."""
+    from gguf import GGMLQuantizationType as Q
+    from gguf.quants import quantize
+
+    if values.ndim == 1:
+        return values.astype(np.float32), Q.F32
+    qtype = _edited_type(original, requested, values.shape[-1])
+    if qtype == Q.F32:
+        return values.astype(np.float32), qtype
+    if qtype == Q.F16:
+        return values.astype(np.float16), qtype
+    return quantize(values.astype(np.float32), qtype), qtype
+
+
+TensorChange = Callable[[str, np.ndarray], np.ndarray]
+"""New float32 values of a tensor from its name and its dequantized float32 values."""
 
 
 def write_edited_gguf(
@@ -179,33 +184,50 @@ def write_edited_gguf(
     hidden_size: int,
     edited_type: EditedType = "auto",
 ) -> GGUFExportReport:
-    """Copy `source` to `destination` with the tensors in `edits` replaced, atomically.
+    """Copy `source` to `destination` with the tensors in `edits` edited, atomically."""
+    changes = {
+        name: partial(_edited_values, edit=edit, hidden_size=hidden_size)
+        for name, edit in edits.items()
+    }
+    return rewrite_gguf(source, destination, changes, edited_type)
+
+
+def rewrite_gguf(
+    source: Path,
+    destination: Path,
+    changes: Mapping[str, TensorChange],
+    edited_type: EditedType = "auto",
+) -> GGUFExportReport:
+    """Copy `source` to `destination` with each tensor in `changes` replaced, atomically.
 
     Metadata (every key, in order, with its original type) and every other tensor are copied
-    unchanged; the file is written next to `destination` and renamed into place when complete.
+    unchanged; a changed tensor is dequantized, changed in float32 and written in the type
+    `edited_type` picks. The file is written next to `destination` and renamed into place when
+    complete, so a failure never leaves a half-written file under the final name.
     """
     import gguf
+    from gguf.quants import dequantize
 
     try:
         reader = gguf.GGUFReader(source)
     except (OSError, ValueError) as e:
         raise ExportError(f"Cannot read GGUF file {source}: {e}") from e
     by_name = {t.name: t for t in reader.tensors}
-    missing = sorted(set(edits) - set(by_name))
+    missing = sorted(set(changes) - set(by_name))
     if missing:
         raise ExportError(f"GGUF file {source} has no tensor(s) {', '.join(missing)} to edit.")
 
-    replaced = {
-        name: _edit_tensor(by_name[name], edit, hidden_size, edited_type)
-        for name, edit in edits.items()
-    }
+    replaced = {}
+    for name, change in changes.items():
+        tensor = by_name[name]
+        values = dequantize(tensor.data, tensor.tensor_type).astype(np.float32)
+        replaced[name] = _encoded(change(name, values), tensor.tensor_type, edited_type)
     arch_field = reader.fields.get(gguf.Keys.General.ARCHITECTURE)
     if arch_field is None:
         raise ExportError(f"GGUF file {source} has no general.architecture key.")
-    arch = arch_field.contents()
 
-    with atomic_file(destination, "the edited GGUF file") as tmp:
-        _write_copy(reader, replaced, arch, tmp)
+    with atomic_file(destination, "the GGUF file") as tmp:
+        _write_copy(reader, replaced, arch_field.contents(), tmp)
     return GGUFExportReport(
         path=destination,
         edited={name: qtype.name for name, (_, qtype) in replaced.items()},
