@@ -80,6 +80,16 @@ def _hash_files(folder: Path) -> str:
     return digest.hexdigest()[:16]
 
 
+def organism_adapter() -> Path:
+    """The LoRA adapter the `organism` fixture merges into SmolLM2: ../shared/organism's when
+    present, else the demo's (`demo/adapter`)."""
+    if (SHARED_ORGANISM / "build_organism.py").is_file():
+        return SHARED_ORGANISM / "adapter"
+    from heretic.demo_organism import default_adapter_dir
+
+    return default_adapter_dir()
+
+
 @pytest.fixture(scope="session")
 def organism() -> Path:
     """The refusing SmolLM2 organism: ../shared/organism when present, else the demo's own.
