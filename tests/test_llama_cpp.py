@@ -27,6 +27,7 @@ from heretic.sites import ATTN, MLP
 
 RESPONSE_TOKENS = 24  # enough for the organism's refusals, which come first
 FIRST_TOKENS = 3
+NEAR_TIE = 1.0  # logits; see the llama.cpp test's docstring
 N_CTX = 256
 
 
@@ -52,7 +53,9 @@ def _llama_cpp_greedy(path: Path, prompts: list[list[int]]) -> list[list[int]]:
     """llama.cpp's greedy continuation (temperature 0, no repeat penalty) of each token list,
     up to RESPONSE_TOKENS or its end-of-generation token."""
     llama_cpp = _llama_cpp()
-    llm = llama_cpp.Llama(str(path), n_ctx=N_CTX, n_threads=2, verbose=False)
+    # One thread: on a busy machine, llama.cpp's threads wait for each other at every
+    # operation, which made 24 tokens of this 135M model take 10-30 s instead of 1 s.
+    llm = llama_cpp.Llama(str(path), n_ctx=N_CTX, n_threads=1, n_threads_batch=1, verbose=False)
     try:
         responses = []
         for ids in prompts:
@@ -68,17 +71,14 @@ def _llama_cpp_greedy(path: Path, prompts: list[list[int]]) -> list[list[int]]:
         llm.close()
 
 
-def _transformers_greedy(model: Model, ids: list[int], n: int) -> list[int]:
-    inputs = torch.tensor([ids], device=model.device)
-    output = model.model.generate(
-        input_ids=inputs,
-        attention_mask=torch.ones_like(inputs),
-        max_new_tokens=n,
-        min_new_tokens=n,
-        do_sample=False,
-        pad_token_id=model.tokenizer.pad_token_id,
-    )
-    return output[0, len(ids) :].tolist()
+@torch.inference_mode()
+def _greedy_gaps(model: Model, ids: list[int], tokens: list[int]) -> list[float]:
+    """For each of `tokens` continuing `ids`, how far (in logits) the transformers model's
+    own greedy choice at that position lies above it: 0 where it would pick the same token."""
+    inputs = torch.tensor([ids + tokens], device=model.device)
+    logits = model.model(input_ids=inputs).logits[0, len(ids) - 1 : -1].float()
+    chosen = logits.gather(1, torch.tensor(tokens, device=logits.device)[:, None])[:, 0]
+    return (logits.max(dim=1).values - chosen).tolist()
 
 
 def test_organism_gguf_q_k_rows_are_what_transformers_reads_back():
@@ -98,44 +98,43 @@ def test_organism_gguf_q_k_rows_are_what_transformers_reads_back():
 
 @pytest.mark.slow
 def test_llama_cpp_runs_the_edited_organism_gguf(organism_gguf, tmp_path):
-    """heretic loads the organism GGUF, computes mean-difference directions (64 harmful and
-    64 harmless demo prompts), and writes the edited GGUF with the export's own functions
-    (`plan_edits`, `write_edited_gguf`; edited matrices as Q8_0) for a fixed strong edit
-    (strength 1 on both components over 20-90% of depth). For 8 held-out harmful prompts,
-    formatted by heretic's chat template (settings' system prompt) and tokenized by the
-    transformers tokenizer, llama.cpp's greedy answers (24 tokens) are judged by heretic's
-    marker judge:
+    """heretic loads the organism GGUF, computes mean-difference directions (128 harmful and
+    128 harmless demo prompts) and writes the edited GGUF with the export's own functions
+    (`plan_edits`, `write_edited_gguf`; edited matrices in Q8_0) for a fixed strong edit:
+    strength 1 on both components over 20-90% of depth. 16 harmful prompts (harmful[200:216],
+    held out from the demo organism's training) are formatted with heretic's chat template
+    and system prompt and tokenized by the transformers tokenizer; llama.cpp answers them
+    greedily (24 tokens), and heretic's marker judge reads the answers:
 
-    - the unedited organism GGUF refuses at least 6 of them and the edited one at most 1;
-    - the first 3 tokens llama.cpp generates from the edited file equal the greedy tokens of
-      the transformers model heretic loaded, with the same edit applied by the search's hooks.
-      Only 3: the two differ by more than the edited matrices (Q8_0 in the file, float32 in
-      transformers; llama.cpp also quantizes activations for its quantized matrix products),
-      so a near-tie further on may break differently without anything being wrong.
+    - the unedited organism GGUF refuses at least 10 of them in llama.cpp, the edited one at
+      most 2 (measured: 14 and 1 with the demo's organism, 12 and 0 with ../shared's);
+    - each of the first 3 tokens llama.cpp generates from the edited file is the transformers
+      model's greedy choice, up to a near-tie: that model is the one heretic loaded and
+      scored, with the same edit applied by the search's hooks, run on the prompt plus
+      llama.cpp's tokens (teacher forcing, so one near-tie cannot derail the rest), and its
+      top logit may exceed the logit of llama.cpp's token by at most NEAR_TIE. Exact equality
+      would be wrong to demand: the two differ by more than the edited matrices (Q8_0 in the
+      file, float32 in transformers; llama.cpp also quantizes activations for its quantized
+      products; up to about 1.5 logits over the vocabulary, where the edit moves up to 13), and
+      the strongly edited organism has near-ties (measured: llama.cpp picks another token than
+      transformers' top one for about 1 token in 10, within 0.4 logits in our runs, while the
+      unedited model ranks the same tokens 1 to 7 logits below its own choice on most prompts).
 
-    llama.cpp's own tokenization of the chat text must give the same tokens, so a llama.cpp
-    user who formats prompts like heretic gets these answers.
+    llama.cpp's own tokenization of the chat text gives the same tokens, so a llama.cpp user
+    who formats prompts like heretic gets these answers.
     """
     settings = load_settings([])
     judge = MarkerJudge(tuple(settings.refusal_markers), settings.ignore_echoed_markers)
     model = load_model(str(organism_gguf), system_prompt=settings.system_prompt)
     bad = demo_data_path("harmful.txt").read_text().splitlines()
     good = demo_data_path("harmless.txt").read_text().splitlines()
-    directions = mean_difference(model.residuals(good[:64], 32), model.residuals(bad[:64], 32))
+    directions = mean_difference(model.residuals(good[:128], 32), model.residuals(bad[:128], 32))
     profile = ComponentParams(0.2, 0.9, 1.0)
     strengths = strengths_from_params({ATTN: profile, MLP: profile}, model.n_layers)
-    edit = TrialEdit(strengths, directions)
-
-    import gguf
-
-    names = {t.name for t in gguf.GGUFReader(organism_gguf).tensors}
     edited = tmp_path / output_name(organism_gguf)
-    report = write_edited_gguf(
-        organism_gguf, edited, plan_edits(names, model.sites, edit), model.hidden_size
-    )
-    assert set(report.edited.values()) == {"Q8_0"}
+    _write_edited(organism_gguf, edited, model, TrialEdit(strengths, directions))
 
-    prompts = bad[200:208]  # the demo organism was trained on harmful[:200]
+    prompts = bad[200:216]
     texts = [model.format_chat(p) for p in prompts]
     ids = [model.tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
     before = _llama_cpp_greedy(organism_gguf, ids)
@@ -145,19 +144,30 @@ def test_llama_cpp_runs_the_edited_organism_gguf(organism_gguf, tmp_path):
         decoded = [model.tokenizer.decode(r, skip_special_tokens=True) for r in responses]
         return sum(judge.is_refusal(r, p) for r, p in zip(decoded, prompts, strict=True))
 
-    assert refusals(before) >= 6, "the unedited organism should refuse in llama.cpp"
-    assert refusals(after) <= 1, "the edited GGUF still refuses in llama.cpp"
+    assert refusals(before) >= 10, "the unedited organism should refuse in llama.cpp"
+    assert refusals(after) <= 2, "the edited GGUF still refuses in llama.cpp"
 
     hooks = EditHooks(model.sites, directions)
     hooks.set_strengths(strengths)
     try:
-        expected = [_transformers_greedy(model, x, FIRST_TOKENS) for x in ids]
+        gaps = [_greedy_gaps(model, x, r[:FIRST_TOKENS]) for x, r in zip(ids, after, strict=True)]
     finally:
         hooks.remove()
-    assert [r[:FIRST_TOKENS] for r in after] == expected
+    assert all(len(g) == FIRST_TOKENS for g in gaps)
+    assert max(max(g) for g in gaps) <= NEAR_TIE, gaps
 
-    llm = _llama_cpp().Llama(str(edited), n_ctx=N_CTX, n_threads=2, verbose=False, vocab_only=True)
+    llm = _llama_cpp().Llama(str(edited), n_ctx=N_CTX, verbose=False, vocab_only=True)
     try:
         assert [llm.tokenize(t.encode(), add_bos=False, special=True) for t in texts] == ids
     finally:
         llm.close()
+
+
+def _write_edited(source: Path, destination: Path, model: Model, edit: TrialEdit) -> None:
+    """What `Finisher._write_gguf` does for a trial."""
+    import gguf
+
+    names = {t.name for t in gguf.GGUFReader(source).tensors}
+    edits = plan_edits(names, model.sites, edit)
+    report = write_edited_gguf(source, destination, edits, model.hidden_size)
+    assert set(report.edited.values()) == {"Q8_0"}
