@@ -20,9 +20,10 @@ from heretic.config import load_settings
 from heretic.demo_organism import demo_data_path
 from heretic.directions import mean_difference
 from heretic.edit import EditHooks, TrialEdit
-from heretic.evaluation import MarkerJudge
 from heretic.gguf_export import output_name, plan_edits, write_edited_gguf
-from heretic.model import Model, load_model
+from heretic.judges import MarkerJudge
+from heretic.loading import load_model
+from heretic.model import Model
 from heretic.sites import ATTN, MLP
 
 RESPONSE_TOKENS = 24  # enough for the organism's refusals, which come first
