@@ -48,22 +48,12 @@ def chat_tokenizer_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_chat_model(tmp_path_factory, chat_tokenizer_dir) -> Path:
     """A 2-layer random Llama with a real chat tokenizer: the pipeline runs in seconds."""
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    from tiny_models import chat_llama_config
+    from transformers import AutoTokenizer, LlamaForCausalLM
 
     tokenizer = AutoTokenizer.from_pretrained(chat_tokenizer_dir)
     torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        tie_word_embeddings=True,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-    )
+    config = chat_llama_config(tokenizer)
     model = LlamaForCausalLM(config).to(torch.bfloat16)
     out = tmp_path_factory.mktemp("tiny-chat")
     model.save_pretrained(out)

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from tiny_models import sample_edit
 
 from heretic.edit import TrialEdit, merge_edit, restore_weights
 from heretic.errors import ExportError
@@ -17,15 +18,6 @@ from heretic.loading import load_model
 from heretic.sites import COMPONENTS, MLP, EditSite, WriterTensor
 
 HIDDEN, FFN, LAYERS, HEADS, KV_HEADS = 64, 128, 2, 4, 2
-
-
-def _edit(n_layers: int, hidden: int, seed: int = 0):
-    gen = torch.Generator().manual_seed(seed)
-    directions = torch.nn.functional.normalize(torch.randn(n_layers, hidden, generator=gen), dim=-1)
-    strengths = {c: torch.zeros(n_layers) for c in COMPONENTS}
-    strengths[COMPONENTS[0]][0] = 1.0
-    strengths[COMPONENTS[1]][:] = torch.tensor([0.7, 1.3])[:n_layers]
-    return directions, strengths
 
 
 def _logits(model, tokenizer) -> torch.Tensor:
@@ -48,7 +40,7 @@ def test_adapter_matches_merged_model(tiny_chat_model, tmp_path, row_normalizati
     from transformers import AutoModelForCausalLM
 
     model = load_model(str(tiny_chat_model), dtype="float32")
-    directions, strengths = _edit(model.n_layers, model.hidden_size)
+    directions, strengths = sample_edit(model.n_layers, model.hidden_size)
     readouts = None
     if with_readouts:
         gen = torch.Generator().manual_seed(3)
@@ -78,7 +70,7 @@ def test_adapter_matches_merged_model(tiny_chat_model, tmp_path, row_normalizati
 
 def test_adapter_refuses_moe_blocks_and_empty_edits(tiny_chat_model):
     model = load_model(str(tiny_chat_model), dtype="float32")
-    directions, strengths = _edit(model.n_layers, model.hidden_size)
+    directions, strengths = sample_edit(model.n_layers, model.hidden_size)
     zero = {c: torch.zeros(model.n_layers) for c in COMPONENTS}
     with pytest.raises(ExportError, match="edits nothing"):
         adapter_weights(model.sites, TrialEdit(zero, directions))
@@ -125,7 +117,7 @@ def test_gguf_plan_row_normalizes_dense_matrices_only():
     block did; dense matrices get the study's row normalization."""
     from heretic.gguf_export import plan_edits
 
-    directions, strengths = _edit(2, HIDDEN)
+    directions, strengths = sample_edit(2, HIDDEN)
     names = {
         "blk.0.attn_output.weight",
         "blk.0.ffn_down.weight",
@@ -203,7 +195,7 @@ def gguf_case(tiny_gguf):
     """The tiny GGUF loaded once (its tokenizer conversion is the slow part), an edit, and the
     logits of the unedited and of the merged model."""
     model = load_model(str(tiny_gguf), dtype="float32")
-    directions, strengths = _edit(model.n_layers, model.hidden_size)
+    directions, strengths = sample_edit(model.n_layers, model.hidden_size)
     unedited = _logits(model.model, model.tokenizer)
     originals = merge_edit(model.sites, TrialEdit(strengths, directions))
     merged = _logits(model.model, model.tokenizer)
@@ -266,7 +258,7 @@ def test_gguf_export_round_trip(tiny_gguf, gguf_case, tmp_path, edited_type, fra
 def test_gguf_plan_names_missing_tensors():
     from heretic.gguf_export import plan_edits
 
-    directions, strengths = _edit(LAYERS, HIDDEN)
+    directions, strengths = sample_edit(LAYERS, HIDDEN)
     sites = _moe_sites()[:2] + [_linear_site(1, MLP, "model.layers.1.mlp.down_proj")]
     edit = TrialEdit(strengths, directions)
     with pytest.raises(ExportError, match=r"model.layers.1.mlp.down_proj.weight \(expected blk.1"):

@@ -14,7 +14,7 @@ import torch
 from rich.console import Console
 from safetensors import safe_open
 from safetensors.torch import save_file
-from tiny_models import FAMILIES, tiny_model
+from tiny_models import FAMILIES, chat_llama_config, sample_edit, tiny_model
 
 from heretic.edit import EditHooks, TrialEdit, merge_edit
 from heretic.errors import ExportError
@@ -40,24 +40,11 @@ def _save_sharded(model, tokenizer_dir: Path, out: Path) -> Path:
 
 
 def _llama(tokenizer_dir: Path, dtype: torch.dtype, base: bool = False, bias: bool = False):
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, LlamaModel
+    from transformers import AutoTokenizer, LlamaForCausalLM, LlamaModel
 
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        tie_word_embeddings=True,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        attention_bias=bias,
-        mlp_bias=bias,
-    )
+    config = chat_llama_config(tokenizer, attention_bias=bias, mlp_bias=bias)
     model = (LlamaModel if base else LlamaForCausalLM)(config).to(dtype)
     with torch.no_grad():
         for name, param in model.named_parameters():
@@ -77,15 +64,6 @@ def sharded(tmp_path_factory, chat_tokenizer_dir) -> Path:
     save_file({"mtp.proj.weight": torch.ones(4, 4)}, str(out / "mtp.safetensors"))
     torch.save({"model.layers.0.mlp.down_proj.weight": torch.zeros(1)}, out / "pytorch_model.bin")
     return out
-
-
-def _edit(n_layers: int = 2, hidden: int = 64, seed: int = 0):
-    gen = torch.Generator().manual_seed(seed)
-    directions = torch.nn.functional.normalize(torch.randn(n_layers, hidden, generator=gen), dim=-1)
-    strengths = {c: torch.zeros(n_layers) for c in COMPONENTS}
-    strengths[COMPONENTS[0]][0] = 1.0
-    strengths[COMPONENTS[1]][:] = torch.tensor([0.7, 1.3])[:n_layers]
-    return directions, strengths
 
 
 def _raw(path: Path, name: str) -> bytes:
@@ -116,7 +94,7 @@ def _bits(t: torch.Tensor) -> torch.Tensor:
 )
 def test_shards_equal_in_memory_merge(sharded, tmp_path, row_normalization, with_readouts):
     model = load_model(str(sharded), dtype="bfloat16")
-    directions, strengths = _edit()
+    directions, strengths = sample_edit()
     readouts = None
     if with_readouts:
         gen = torch.Generator().manual_seed(3)
@@ -153,7 +131,7 @@ def test_biases_of_row_normalized_sites(tmp_path, chat_tokenizer_dir):
         _llama(chat_tokenizer_dir, torch.bfloat16, bias=True), chat_tokenizer_dir, tmp_path / "s"
     )
     model = load_model(str(source), dtype="bfloat16")
-    directions, strengths = _edit()
+    directions, strengths = sample_edit()
     edit = TrialEdit(strengths, directions, None, "full")
     _, edits = plan_shard_export(str(source), model.sites, edit)
     assert "model.layers.0.self_attn.o_proj.bias" in edits
@@ -256,7 +234,7 @@ def test_checkpoint_without_the_model_prefix(tmp_path, chat_tokenizer_dir):
     config["architectures"] = ["LlamaForCausalLM"]
     (source / "config.json").write_text(json.dumps(config))
     model = load_model(str(source), dtype="bfloat16")
-    directions, strengths = _edit()
+    directions, strengths = sample_edit()
     edit = TrialEdit(strengths, directions)
     _, edits = plan_shard_export(str(source), model.sites, edit)
     assert "layers.0.self_attn.o_proj.weight" in edits
@@ -283,7 +261,7 @@ def test_per_expert_checkpoint_of_a_fused_moe(tmp_path, chat_tokenizer_dir):
         Qwen3MoeForCausalLM(config).to(torch.bfloat16), chat_tokenizer_dir, tmp_path / "s"
     )
     model = load_model(str(source), dtype="bfloat16")
-    directions, strengths = _edit(hidden=32)
+    directions, strengths = sample_edit(hidden=32)
     edit = TrialEdit(strengths, directions)
     _, edits = plan_shard_export(str(source), model.sites, edit)
     assert "model.layers.1.mlp.experts.3.down_proj.weight" in edits

@@ -236,3 +236,33 @@ def plain_greedy(model, prompts: list[str], max_new_tokens: int) -> list[str]:
     return model.tokenizer.batch_decode(
         out[:, batch["input_ids"].shape[1] :], skip_special_tokens=True
     )
+
+
+def chat_llama_config(tokenizer, **overrides: Any) -> transformers.LlamaConfig:
+    """The 2-layer Llama the pipeline tests run on, sized to a real chat tokenizer."""
+    settings = dict(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    return transformers.LlamaConfig(**{**settings, **overrides})
+
+
+def sample_edit(n_layers: int = 2, hidden: int = 64, seed: int = 0):
+    """(directions, strengths) of an edit that touches both components: attention at layer 0
+    only, the MLP at every layer with different strengths."""
+    from heretic.sites import COMPONENTS
+
+    gen = torch.Generator().manual_seed(seed)
+    directions = torch.nn.functional.normalize(torch.randn(n_layers, hidden, generator=gen), dim=-1)
+    strengths = {c: torch.zeros(n_layers) for c in COMPONENTS}
+    strengths[COMPONENTS[0]][0] = 1.0
+    strengths[COMPONENTS[1]][:] = torch.tensor([0.7, 1.3])[:n_layers]
+    return directions, strengths

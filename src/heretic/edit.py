@@ -99,11 +99,6 @@ def _device(module: nn.Module) -> torch.device:
     return param.device if param is not None else torch.device("cpu")
 
 
-def _dtype(module: nn.Module) -> torch.dtype:
-    param = next(module.parameters(), None)
-    return param.dtype if param is not None else torch.float32
-
-
 class EditHooks:
     """Forward hooks on every edit site that apply a trial's edit to the module's output; the
     weights are never touched.

@@ -11,7 +11,6 @@ parallel writers is normal.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -80,16 +79,3 @@ class EditSite:
 
     def describe(self) -> str:
         return f"{self.name} ({type(self.module).__name__}, {COMPONENT_ROLES[self.component]})"
-
-
-def sites_by_layer(sites: Sequence[EditSite], n_layers: int) -> list[list[EditSite]]:
-    out: list[list[EditSite]] = [[] for _ in range(n_layers)]
-    for site in sites:
-        out[site.layer].append(site)
-    return out
-
-
-def iter_tensors(sites: Sequence[EditSite]) -> Iterator[tuple[EditSite, WriterTensor]]:
-    for site in sites:
-        for tensor in site.tensors():
-            yield site, tensor
