@@ -27,7 +27,7 @@ from heretic.abliteration import (
     first_edited_layer,
     strengths_from_params,
 )
-from heretic.cli import layer_skip_budget
+from heretic.search import layer_skip_budget
 from heretic.config import DEFAULT_REFUSAL_MARKERS
 from heretic.decoding import regroup
 from heretic.directions import mean_difference

@@ -185,7 +185,7 @@ class _FakeModel:
 def test_every_setting_the_directions_are_computed_from_is_declared(readout):
     """Computing the directions with every refinement on reads only declared settings (besides
     the ones that only decide what is logged or how fast it runs)."""
-    from heretic.cli import _compute_directions
+    from heretic.extraction import compute_directions
 
     settings = _settings(
         readout=readout,
@@ -202,7 +202,7 @@ def test_every_setting_the_directions_are_computed_from_is_declared(readout):
         for name, tag in zip((*sets, "sacred_baseline_prompts"), names, strict=True)
     }
     recording = _Recording(settings)
-    _compute_directions(_FakeModel(), prompts, recording, 8, Console(file=None, quiet=True))
+    compute_directions(_FakeModel(), prompts, recording, 8, Console(file=None, quiet=True))
     declared = {p.name for p in PARTS if p.directions}
     display_only = {"sacred_overlap_threshold"}  # a warning's threshold, not an input
     assert recording.read - display_only <= declared

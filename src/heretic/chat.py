@@ -43,16 +43,7 @@ def stream_reply(
     def generate() -> None:
         try:
             with torch.inference_mode():
-                model.model.generate(
-                    **batch,
-                    streamer=streamer,
-                    max_new_tokens=max_new_tokens,
-                    do_sample=False,
-                    temperature=None,
-                    top_p=None,
-                    top_k=None,
-                    pad_token_id=tokenizer.pad_token_id,
-                )
+                model.greedy(max_new_tokens, **batch, streamer=streamer)
         except BaseException as e:  # surfaced in the caller's thread below
             errors.append(e)
             streamer.end()

@@ -173,17 +173,11 @@ class Decoding:
         input_ids, mask = self._batch["input_ids"], self._batch["attention_mask"]
         room = max(self._limit(row) for row in self._active) - self.produced
         step = min(self.check_every, room)
-        tokenizer = self.model.tokenizer
-        output = self.model.model.generate(
+        output = self.model.greedy(
+            step,
             input_ids=input_ids,
             attention_mask=mask,
             **{CACHE_KWARG: self._cache},
-            max_new_tokens=step,
-            do_sample=False,
-            temperature=None,
-            top_p=None,
-            top_k=None,
-            pad_token_id=tokenizer.pad_token_id,
             return_dict_in_generate=True,
         )
         new = output.sequences[:, input_ids.shape[1] :]

@@ -170,7 +170,7 @@ class Evaluator:
         """Checkpoint layers whose stored outputs fit in `budget_bytes`, evenly spread."""
         if budget_bytes <= 0 or not self.good_prompts:
             return None
-        element = torch.finfo(self.model.model.dtype).bits // 8
+        element = torch.finfo(self.model.dtype).bits // 8
         per_layer = (
             self.model.padded_tokens(self._good_sorted, self.batch_size, self._good_thinking)
             * self.model.hidden_size

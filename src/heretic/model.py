@@ -155,6 +155,20 @@ class Model:
         return len(self.layers)
 
     @property
+    def config(self):
+        """The transformers config (of the whole model; `get_text_config()` for the decoder)."""
+        return self.model.config
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.dtype
+
+    @property
+    def architecture(self) -> str:
+        """The transformers class the model loaded as, for messages."""
+        return type(self.model).__name__
+
+    @property
     def hidden_size(self) -> int:
         return int(self.model.config.get_text_config().hidden_size)
 
@@ -177,6 +191,20 @@ class Model:
     def compile(self) -> None:
         """torch.compile the forward pass (dynamic shapes: batches and lengths vary)."""
         self.model.forward = torch.compile(self.model.forward, dynamic=True)
+
+    def greedy(self, max_new_tokens: int, **inputs):
+        """transformers' `generate`, greedy, with the tokenizer's pad token: the one way the
+        search, the chat and the decoders generate (extra keyword arguments pass through:
+        input ids, mask, cache, streamer)."""
+        return self.model.generate(
+            **inputs,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            temperature=None,
+            top_p=None,
+            top_k=None,
+            pad_token_id=self.tokenizer.pad_token_id,
+        )
 
     @property
     def device(self) -> torch.device:
