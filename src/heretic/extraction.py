@@ -122,17 +122,6 @@ def compute_directions(
             )
         return residuals
 
-    def refused() -> list[bool]:
-        judge = MarkerJudge(tuple(settings.refusal_markers), settings.ignore_echoed_markers)
-        console.print(
-            f"  generating the original model's responses to the bad prompts "
-            f"({settings.probe_response_length} tokens) to label the probes"
-        )
-        bad = prompts["bad_prompts"]
-        length = settings.probe_response_length
-        chunks = model.refused_chunks(bad, length, batch_size, judge.is_refusal)
-        return tracked(console, "Responses for the probes", bad, chunks)
-
     good = residuals_of("good_prompts", fitted)
     bad = residuals_of("bad_prompts", fitted)
     result = build_directions(
@@ -140,7 +129,7 @@ def compute_directions(
         bad,
         settings,
         residuals_of,
-        refused,
+        lambda: _probe_labels(model, prompts["bad_prompts"], settings, batch_size, console),
         log=lambda line: console.print(f"  {escape(line)}", highlight=False),
         warn=lambda line: console.print(f"[yellow]Warning:[/] {escape(line)}", highlight=False),
     )
@@ -155,3 +144,17 @@ def compute_directions(
             f"  fitted {model.n_layers * len(COMPONENTS)} readouts (ridge {settings.readout_ridge})"
         )
     return result
+
+
+def _probe_labels(
+    model: Model, bad: list[str], settings: Settings, batch_size: int, console: Console
+) -> list[bool]:
+    """Whether the original model refuses each bad direction prompt (the probes' labels)."""
+    judge = MarkerJudge(tuple(settings.refusal_markers), settings.ignore_echoed_markers)
+    console.print(
+        f"  generating the original model's responses to the bad prompts "
+        f"({settings.probe_response_length} tokens) to label the probes"
+    )
+    length = settings.probe_response_length
+    chunks = model.refused_chunks(bad, length, batch_size, judge.is_refusal)
+    return tracked(console, "Responses for the probes", bad, chunks)

@@ -108,38 +108,71 @@ def build_directions(
     `residuals_of(name)` gives the residuals of the named prompt set; `refused()` judges the
     original model's responses to the bad direction prompts (only called for the probes).
     """
-    plain = refusal_directions(good, bad, settings.direction_method)
-    result = DirectionSet(refusal=plain)
-
+    result = DirectionSet(refusal=refusal_directions(good, bad, settings.direction_method))
     if settings.use_supervised_probing:
-        labels = torch.tensor([int(r) for r in refused()] + [0] * len(good))
-        n_refused = int(labels.sum())
-        log(f"probe labels: the original model refused {n_refused}/{len(bad)} bad prompts")
+        _probe(result, good, bad, settings, refused(), log, warn)
+    against = _directions_to_keep(result, good, settings, residuals_of, log, warn)
+    if against:
         try:
-            probes = train_probes(
-                torch.cat([bad, good]),
-                labels,
-                settings.probe_l2,
-                settings.min_probe_accuracy,
-                seed=settings.seed,
-            )
-        except ProbeError as e:
-            warn(f"supervised probing skipped, using the plain directions: {e}")
-        else:
-            result.probes = probes
-            kept = probes.kept.tolist()
-            log(
-                f"probe balanced accuracy per layer (* = at least {settings.min_probe_accuracy}, "
-                f"kept): {format_accuracy(probes.accuracy, kept)}"
-            )
-            if not any(kept):
-                warn(
-                    "no layer's probe reached min_probe_accuracy "
-                    f"{settings.min_probe_accuracy}: using the plain directions"
-                )
-            pca = contrastive_pca(good, bad) if settings.ensemble_probe_pca else None
-            result.refusal = apply_probes(plain, probes, pca, settings.probe_weight)
+            result.refusal = orthogonalize(result.refusal, torch.cat(against, dim=1))
+        except ValueError as e:
+            raise DirectionsError(
+                f"Orthogonalizing the refusal directions failed ({e}). Turn "
+                "orthogonalize_good_mean, orthogonalize_directions or "
+                "use_sacred_directions off, or lower "
+                "n_sacred_directions."
+            ) from e
+    return result
 
+
+def _probe(
+    result: DirectionSet,
+    good: torch.Tensor,
+    bad: torch.Tensor,
+    settings: Settings,
+    refused: list[bool],
+    log: Callable[[str], None],
+    warn: Callable[[str], None],
+) -> None:
+    """Replace (or ensemble) the plain directions by per-layer probes where they are good."""
+    labels = torch.tensor([int(r) for r in refused] + [0] * len(good))
+    log(f"probe labels: the original model refused {int(labels.sum())}/{len(bad)} bad prompts")
+    try:
+        probes = train_probes(
+            torch.cat([bad, good]),
+            labels,
+            settings.probe_l2,
+            settings.min_probe_accuracy,
+            seed=settings.seed,
+        )
+    except ProbeError as e:
+        warn(f"supervised probing skipped, using the plain directions: {e}")
+        return
+    result.probes = probes
+    kept = probes.kept.tolist()
+    log(
+        f"probe balanced accuracy per layer (* = at least {settings.min_probe_accuracy}, "
+        f"kept): {format_accuracy(probes.accuracy, kept)}"
+    )
+    if not any(kept):
+        warn(
+            "no layer's probe reached min_probe_accuracy "
+            f"{settings.min_probe_accuracy}: using the plain directions"
+        )
+    pca = contrastive_pca(good, bad) if settings.ensemble_probe_pca else None
+    result.refusal = apply_probes(result.refusal, probes, pca, settings.probe_weight)
+
+
+def _directions_to_keep(
+    result: DirectionSet,
+    good: torch.Tensor,
+    settings: Settings,
+    residuals_of: Callable[[str], torch.Tensor],
+    log: Callable[[str], None],
+    warn: Callable[[str], None],
+) -> list[torch.Tensor]:
+    """The directions (each (n_layers, k, hidden)) the refusal direction is made orthogonal
+    to: the good mean, helpfulness, sacred, as enabled; records them in `result`."""
     against = []
     if settings.orthogonalize_good_mean:
         good_mean = normalize(good.double().mean(dim=0)).to(result.refusal.dtype)
@@ -170,14 +203,4 @@ def build_directions(
                 "hurt the capabilities the sacred prompts stand for"
             )
         against.append(result.sacred)
-    if against:
-        try:
-            result.refusal = orthogonalize(result.refusal, torch.cat(against, dim=1))
-        except ValueError as e:
-            raise DirectionsError(
-                f"Orthogonalizing the refusal directions failed ({e}). Turn "
-                "orthogonalize_good_mean, orthogonalize_directions or "
-                "use_sacred_directions off, or lower "
-                "n_sacred_directions."
-            ) from e
-    return result
+    return against
