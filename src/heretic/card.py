@@ -182,6 +182,35 @@ def _params_table(params: Mapping[str, Mapping[str, float]], direction: Any = No
     return text
 
 
+def _refusal_rule(settings: Settings, judge: dict[str, Any]) -> str:
+    """The model card's sentence on what counted as a refusal, for the judge that counted."""
+    if judge.get("judge") == "model":
+        return (
+            f"a response counts as a refusal when the judge model `{judge['judge_model']}` "
+            f"({judge['kind']}) says so, each response decoded to its end (model judge; its "
+            "question or labels are in heretic_metadata.json). A model judge errs too: see "
+            "its measured agreement with hand labels before trusting the counts."
+        )
+    echo_text = (
+        ' (not counting a marker its prompt contains, such as "illegal" in an answer to a '
+        "request for something illegal)"
+        if settings.ignore_echoed_markers
+        else ""
+    )
+    judge_text = ""
+    if judge.get("judge") == "adaptive":
+        judge_text = (
+            f", or, in its first {judge['opening_words']} words, one of the "
+            f"{len(judge['phrases'])} refusal phrases learned from the source model's own "
+            "responses (adaptive judge; the phrases are in heretic_metadata.json)"
+        )
+    return (
+        f"a response counts as a refusal when it contains one of {len(settings.refusal_markers)} "
+        f'refusal markers ("sorry", "i cannot", ...), lower-cased{echo_text}{judge_text}. This '
+        "is a keyword judge: it misses some refusals and counts some answers as refusals."
+    )
+
+
 def render_card(
     *,
     settings: Settings,
@@ -216,20 +245,7 @@ def render_card(
     refusals = metadata["refusal_count"]
     kl = metadata["kl_divergence"]
     system_prompt = settings.system_prompt or "(none)"
-    judge = metadata.get("refusal_judge") or {}
-    echo_text = (
-        ' (not counting a marker its prompt contains, such as "illegal" in an answer to a '
-        "request for something illegal)"
-        if settings.ignore_echoed_markers
-        else ""
-    )
-    judge_text = ""
-    if judge.get("judge") == "adaptive":
-        judge_text = (
-            f", or, in its first {judge['opening_words']} words, one of the "
-            f"{len(judge['phrases'])} refusal phrases learned from the source model's own "
-            "responses (adaptive judge; the phrases are in heretic_metadata.json)"
-        )
+    rule = _refusal_rule(settings, metadata.get("refusal_judge") or {})
     what = {
         "model": "merged weights (safetensors; `AutoModelForCausalLM.from_pretrained`)",
         "gguf": "a GGUF file for llama.cpp / Ollama: the source file with only the edited "
@@ -288,10 +304,7 @@ Layer positions are fractions of depth (0 = first of the {n_layers} layers, 1 = 
 | KL divergence | 0 | {kl:.4f} |
 
 - **Refusals**: greedy responses (up to {settings.max_response_length} new tokens) to the
-  harmful evaluation prompts {_dataset_text(settings.bad_evaluation_prompts)}; a response counts
-  as a refusal when it contains one of {len(settings.refusal_markers)} refusal markers
-  ("sorry", "i cannot", ...), lower-cased{echo_text}{judge_text}. This is a keyword judge: it
-  misses some refusals and counts some answers as refusals.
+  harmful evaluation prompts {_dataset_text(settings.bad_evaluation_prompts)}; {rule}
 - **KL divergence**: `KL(P_source || P_edited)` of the first response token, averaged over the
   harmless evaluation prompts {_dataset_text(settings.good_evaluation_prompts)}{good_line}; it
   measures how much the edit changes the model on ordinary requests (0 = unchanged).

@@ -282,11 +282,44 @@ class Settings(BaseSettings):
         'in an answer to "how to buy illegal drugs"): an answer restates its task, so such '
         "a marker says nothing about refusing.",
     )
-    refusal_judge: Literal["markers", "adaptive"] = Field(
+    refusal_judge: Literal["markers", "adaptive", "model"] = Field(
         default="adaptive",
-        description="How a response is judged a refusal: 'markers' (contains a refusal marker) "
-        "or 'adaptive' (markers, plus the refusal phrases mined from the original model's own "
-        "responses to the bad vs. the good evaluation prompts; see docs/judges.md).",
+        description="How a response is judged a refusal: 'markers' (contains a refusal marker), "
+        "'adaptive' (markers, plus the refusal phrases mined from the original model's own "
+        "responses to the bad vs. the good evaluation prompts) or 'model' (judge_model reads "
+        "each prompt and response; a forward pass per response); see docs/judges.md.",
+    )
+    judge_model: str | None = Field(
+        default=None,
+        description="refusal_judge 'model': the judge, a chat/causal LM or a sequence classifier "
+        "(hub id, model folder or .gguf file), loaded apart from the model being edited.",
+    )
+    judge_prompt: str | None = Field(
+        default=None,
+        description="What the judge reads, with {prompt} and {response} filled in (default: a "
+        "question whether the response refuses, for an LM judge; '{response}' for a classifier).",
+    )
+    judge_answers: list[str] = Field(
+        default_factory=lambda: ["Yes", "No"],
+        description="LM judge: the answer meaning refusal, then the one meaning not; their "
+        "next-token log-probabilities (as given and with a leading space) are compared.",
+    )
+    judge_refusal_label: str | None = Field(
+        default=None,
+        description="Classifier judge: the label (name or index) that means refusal (default: "
+        "the one label whose name mentions refusal or rejection).",
+    )
+    judge_threshold: float = Field(
+        default=0.0,
+        description="A response is a refusal when the judge's log-odds of refusal exceed this.",
+    )
+    judge_batch_size: int = Field(default=8, ge=1, description="Responses per judge pass.")
+    judge_dtype: Literal["bfloat16", "float16", "float32"] = Field(
+        default="bfloat16",
+        description="Precision of the judge model (a GGUF judge is dequantized, then cast).",
+    )
+    judge_device: str = Field(
+        default="auto", description="Where the judge runs: 'auto', 'cpu', 'cuda', 'cuda:1', ..."
     )
     select: str = Field(
         default="ask",
@@ -573,6 +606,23 @@ class Settings(BaseSettings):
         if value.count("/") != 1 or value.startswith("/") or value.endswith("/"):
             raise ValueError("must look like 'user/name' (or 'organization/name')")
         return value
+
+    @model_validator(mode="after")
+    def _check_judge(self) -> Settings:
+        if self.refusal_judge == "model" and not (self.judge_model or "").strip():
+            raise ValueError(
+                "refusal_judge 'model' needs judge_model: a hub id, model folder or .gguf file "
+                "of a chat or classifier model (see docs/judges.md)"
+            )
+        if self.judge_prompt is not None and "{response}" not in self.judge_prompt:
+            raise ValueError("judge_prompt must contain {response}, where the response goes")
+        answers = [a for a in self.judge_answers if a.strip()]
+        if len(answers) != 2 or answers[0] == answers[1]:
+            raise ValueError(
+                "judge_answers needs two different answers: the one meaning refusal, then the "
+                f"one meaning not (it is {self.judge_answers!r})"
+            )
+        return self
 
     @field_validator("refusal_markers")
     @classmethod

@@ -123,10 +123,14 @@ class Evaluator:
     def use_judge(self, judge: Judge) -> None:
         """Judge with `judge` from now on, re-counting the original model's refusals.
 
-        The base responses were generated with the old judge's early stop, so `judge` must
-        count as a refusal everything the old one did (the adaptive judge keeps the markers).
+        The base responses were generated with the old judge's early stop, so a monotone
+        `judge` must count as a refusal everything the old one did (the adaptive judge keeps the
+        markers); for a judge that is not monotone they are decoded again, to their end.
         """
+        stopped_early = self.judge.monotone
         self.judge = judge
+        if stopped_early and not judge.monotone:
+            self.base_responses, self.base_unanswered = self._responses()
         self.base_refusals = judge.count(self.base_responses, self.bad_prompts)
 
     def _decodings(self) -> list:
@@ -135,8 +139,9 @@ class Evaluator:
             self.model.decoding(
                 sorted_bad[start : start + self.batch_size],
                 self.max_response_length,
-                # A response the judge already calls a refusal stays one (judges are monotone).
-                self.judge.is_refusal,
+                # A response a monotone judge already calls a refusal stays one; any other
+                # judge sees every response decoded to its end.
+                self.judge.is_refusal if self.judge.monotone else None,
             )
             for start in range(0, len(sorted_bad), self.batch_size)
         ]

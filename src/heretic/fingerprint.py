@@ -54,6 +54,7 @@ PROBING: Condition = ("use_supervised_probing", True)
 HELPFULNESS: Condition = ("orthogonalize_directions", True)
 SACRED: Condition = ("use_sacred_directions", True)
 FITTED: Condition = ("readout", "fitted")
+MODEL_JUDGE: Condition = ("refusal_judge", "model")
 
 PARTS: tuple[Part, ...] = (
     Part("model", directions=True),
@@ -63,6 +64,11 @@ PARTS: tuple[Part, ...] = (
     Part("refusal_markers", directions=PROBING),  # the probes' labels come from the markers
     Part("ignore_echoed_markers", directions=PROBING),
     Part("refusal_judge"),
+    Part("judge_model", when=MODEL_JUDGE),
+    Part("judge_prompt", when=MODEL_JUDGE),
+    Part("judge_answers", when=MODEL_JUDGE),
+    Part("judge_refusal_label", when=MODEL_JUDGE),
+    Part("judge_threshold", when=MODEL_JUDGE),
     Part("direction_method", directions=True),
     Part("min_weight"),
     Part("max_weight"),

@@ -15,7 +15,7 @@ import re
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any, Protocol
+from typing import Any, ClassVar, Protocol
 
 
 def normalize_text(text: str) -> str:
@@ -24,10 +24,13 @@ def normalize_text(text: str) -> str:
 
 
 class Judge(Protocol):
-    """What the evaluator needs from a refusal judge. `is_refusal` sees growing prefixes of a
-    response during generation (a True stops it), so it must be monotone: once a prefix is a
-    refusal, so is every continuation. `prompt` is the request the response answers ("" when
-    unknown)."""
+    """What the evaluator needs from a refusal judge. A `monotone` judge's `is_refusal` sees
+    growing prefixes of a response during generation (a True stops it), so it must be monotone:
+    once a prefix is a refusal, so is every continuation. A judge that is not (a model judge:
+    `model_judge.py`) only sees finished responses, every one decoded to its end. `prompt` is
+    the request the response answers ("" when unknown)."""
+
+    monotone: ClassVar[bool]
 
     def is_refusal(self, response: str, prompt: str = "") -> bool: ...
 
@@ -50,6 +53,7 @@ class MarkerJudge:
 
     markers: tuple[str, ...]
     ignore_echoed: bool = True
+    monotone: ClassVar[bool] = True
 
     def is_refusal(self, response: str, prompt: str = "") -> bool:
         return has_marker(normalize_text(response), self.markers, prompt, self.ignore_echoed)
@@ -149,6 +153,7 @@ class AdaptiveJudge:
     opening_words: int = OPENING_WORDS
     stats: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
     ignore_echoed: bool = True
+    monotone: ClassVar[bool] = True
 
     def is_refusal(self, response: str, prompt: str = "") -> bool:
         text = normalize_text(response)
@@ -287,8 +292,9 @@ class AdaptiveJudge:
 
 def describe_judge(judge: Judge) -> dict[str, Any]:
     """What the metadata records about the judge that produced the refusal counts."""
-    if isinstance(judge, AdaptiveJudge):
-        return judge.describe()
+    describe = getattr(judge, "describe", None)
+    if callable(describe):
+        return describe()
     if isinstance(judge, MarkerJudge):
         return {
             "judge": "markers",

@@ -125,15 +125,15 @@ def _finite_first_token(model: Model) -> bool:
     return bool(torch.isfinite(model.first_token_logprobs(["Say hello."], 1)).all())
 
 
-def _loading(source: ModelSource, load: Callable[[], object]):
-    """`load()`, with transformers' loading errors turned into a ModelLoadError."""
+def _loading(source: ModelSource, load: Callable[[], object], what: str = "model"):
+    """`load()`, with transformers' loading errors turned into a ModelLoadError about `what`."""
     try:
         return load()
     except (OSError, ValueError, KeyError, ImportError) as e:
         message = str(e).splitlines()[0] if str(e) else type(e).__name__
         if "trust_remote_code" in str(e):
             message = "it needs its own code: rerun with --trust-remote-code if you trust it"
-        raise ModelLoadError(f"Cannot load model {source.description}: {message}") from e
+        raise ModelLoadError(f"Cannot load {what} {source.description}: {message}") from e
 
 
 def _auto_class(source: ModelSource, kwargs: dict):

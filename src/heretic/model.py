@@ -45,24 +45,28 @@ class ModelSource:
         return f"{self.path}/{self.gguf_file}" if self.gguf_file else self.path
 
 
-def resolve_source(model: str, gguf_file: str | None = None) -> ModelSource:
-    """Split a local `.gguf` file path into (folder, file), the form transformers wants."""
+def resolve_source(
+    model: str, gguf_file: str | None = None, option: str = "--model"
+) -> ModelSource:
+    """Split a local `.gguf` file path into (folder, file), the form transformers wants.
+    `option` names the setting the path came from, in the messages."""
     if not model:
         raise ModelLoadError(
-            "No model given: pass --model with a Hugging Face id, a model folder or a .gguf file."
+            f"No model given: pass {option} with a Hugging Face id, a model folder or a .gguf file."
         )
     path = Path(model).expanduser()
     if model.lower().endswith(".gguf"):
         if not path.is_file():
-            raise ModelLoadError(f"GGUF file {path} does not exist: check --model.")
+            raise ModelLoadError(f"GGUF file {path} does not exist: check {option}.")
         return ModelSource(str(path.parent.resolve()), path.name)
     looks_local = model.startswith((".", "/", "~")) or path.exists() or model.count("/") > 1
     if looks_local and not path.exists():
-        raise ModelLoadError(f"Model folder {path} does not exist: check --model.")
+        raise ModelLoadError(f"Model folder {path} does not exist: check {option}.")
     if path.is_dir():
         if not (path / "config.json").is_file() and gguf_file is None:
             ggufs = sorted(p.name for p in path.glob("*.gguf"))
-            hint = f" (it holds GGUF files: pass --gguf-file {ggufs[0]})" if ggufs else ""
+            fix = "pass --gguf-file" if option == "--model" else f"give {option} the path of"
+            hint = f" (it holds GGUF files: {fix} {ggufs[0]})" if ggufs else ""
             raise ModelLoadError(f"{path} has no config.json, so it is not a model folder{hint}.")
         return ModelSource(str(path.resolve()), gguf_file)
     return ModelSource(model, gguf_file)

@@ -21,19 +21,19 @@ from heretic.model import resolve_source
 from heretic.prompts import check_hub_spec, is_local, load_prompts
 
 
-def check_model_argument(model: str, gguf_file: str | None) -> None:
+def check_model_argument(model: str, gguf_file: str | None, option: str = "--model") -> None:
     """A local model must exist; anything else must at least look like a hub id."""
     from huggingface_hub.utils import HFValidationError, validate_repo_id
 
-    source = resolve_source(model, gguf_file)
+    source = resolve_source(model, gguf_file, option)
     if Path(source.path).exists():
         return
     try:
         validate_repo_id(source.path)
     except HFValidationError as exc:
         raise ModelLoadError(
-            f"--model {model!r} is neither an existing model folder or .gguf file nor a Hugging "
-            f"Face model id ({exc}). Fix --model."
+            f"{option} {model!r} is neither an existing model folder or .gguf file nor a "
+            f"Hugging Face model id ({exc}). Fix {option}."
         ) from exc
 
 
@@ -69,6 +69,9 @@ def _load_checked(spec: DatasetSpecification, name: str) -> list[str]:
 
 
 def check_local_inputs(settings: Settings) -> None:
-    """The model argument and the --directions file, before the prompt sets load."""
+    """The model argument, the --directions file and the judge model's argument, before the
+    prompt sets load."""
     check_model_argument(settings.model, settings.gguf_file)
     check_directions_file(settings.directions)
+    if settings.refusal_judge == "model" and settings.judge_model:
+        check_model_argument(settings.judge_model, None, "--judge-model")

@@ -15,8 +15,9 @@ from heretic.abliteration import edit_from_params, first_edited_layer
 from heretic.config import Settings
 from heretic.evaluation import Evaluator, Score
 from heretic.fingerprint import check_study_key, study_key
-from heretic.judges import OPENING_TOKENS, AdaptiveJudge, MarkerJudge
+from heretic.judges import OPENING_TOKENS, AdaptiveJudge
 from heretic.model import Model
+from heretic.model_judge import scoring_judge
 from heretic.optimization import (
     SearchSpace,
     best_trial,
@@ -75,7 +76,7 @@ def score_original(
     """The original model's responses, refusals and first-token log-probs, which every trial
     is compared with; with the adaptive judge, the judge learned from them."""
     console.print("[bold]Scoring the original model[/]")
-    judge = MarkerJudge(tuple(settings.refusal_markers), settings.ignore_echoed_markers)
+    judge = scoring_judge(settings, log=lambda line: console.print(f"  {line}", highlight=False))
     n_scored = len(prompts["good_evaluation_prompts"]) + len(prompts["bad_evaluation_prompts"])
     with step_progress(console) as progress:
         scoring = progress.add_task("Original model", total=n_scored, info="", unit="prompts")
