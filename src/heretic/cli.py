@@ -16,6 +16,7 @@ from rich.table import Table
 from heretic.abliteration import describe_params, edit_from_params, first_edited_layer
 from heretic.checks import overlap_warnings
 from heretic.config import Settings, load_settings
+from heretic.confirmation import choose_best, print_front, print_report, start_confirmation
 from heretic.directions import (
     DIRECTIONS_FILE,
     check_directions_shape,
@@ -33,6 +34,7 @@ from heretic.fingerprint import (
     study_key,
 )
 from heretic.finish import Finisher
+from heretic.holdout import hold_out, sets_to_load
 from heretic.judges import OPENING_TOKENS, AdaptiveJudge, MarkerJudge
 from heretic.loading import load_model
 from heretic.model import Model
@@ -85,6 +87,8 @@ class RunResult:
     refusals: int | None
     output_dir: Path
     seconds: float
+    figures: dict | None = None
+    """The chosen trial's metadata, with its figures in the search and held out."""
 
 
 def seed_everything(seed: int) -> None:
@@ -140,7 +144,8 @@ def _run(settings: Settings, console: Console) -> RunResult:
     console.print("[bold]Loading prompts[/]")
     # The refinements' prompt sets load only when they are on and directions are computed.
     extra_sets = () if settings.directions is not None else extra_prompt_sets(settings)
-    prompts = load_prompt_sets(settings, PROMPT_SETS + extra_sets)
+    prompts = load_prompt_sets(settings, PROMPT_SETS + extra_sets + sets_to_load(settings))
+    prompts, after_search = hold_out(settings, prompts, lambda line: console.print(f"  {line}"))
     for name, values in prompts.items():
         console.print(f"  {name}: {len(values)} prompts")
     for line in overlap_warnings(prompts):
@@ -227,6 +232,9 @@ def _run(settings: Settings, console: Console) -> RunResult:
     front = pareto_front(study)
     if not front:
         raise HereticError("The study has no finished trials, so there is nothing to choose.")
+    confirmation = start_confirmation(
+        settings, console, model, hooks, evaluator, after_search, batch_size
+    )
     finisher = Finisher(
         settings=settings,
         console=console,
@@ -245,19 +253,22 @@ def _run(settings: Settings, console: Console) -> RunResult:
         ),
         prompts=prompts,
         batch_size=batch_size,
+        confirmation=confirmation,
     )
     finisher.plot_pareto(None)
     if _interactive(settings):
         from heretic.menu import run_menu
 
-        saved = run_menu(
-            finisher,
-            show_front=lambda f: console.print(front_table(f, evaluator.base_refusals, n_bad)),
-        )
+        def show_front(f) -> None:
+            console.print(front_table(f, evaluator.base_refusals, n_bad))
+            print_front(console, confirmation, f, n_bad)
+
+        saved = run_menu(finisher, show_front=show_front)
         chosen = None if saved is None else trial_by_number(study, saved)
     else:
         console.print(front_table(front, evaluator.base_refusals, n_bad))
-        chosen = _choose(settings, console, front, study, evaluator.base_refusals)
+        print_front(console, confirmation, front, n_bad)
+        chosen = _choose(settings, console, front, study, evaluator.base_refusals, confirmation)
         if chosen is not None:
             finisher.headless(chosen)
     result = RunResult(
@@ -279,6 +290,8 @@ def _run(settings: Settings, console: Console) -> RunResult:
             f"{result.refusals}/{n_bad}, KL divergence {result.kl_divergence:.4f}[/] "
             f"(trial {chosen.number}); {where}"
         )
+        result.figures = finisher.metadata(chosen)
+        print_report(console, result.figures, chosen.number)
     hooks.remove()
     result.seconds = time.perf_counter() - started
     return result
@@ -578,7 +591,9 @@ def _interactive(settings: Settings) -> bool:
     return settings.select == "ask" and sys.stdin.isatty() and sys.stdout.isatty()
 
 
-def _choose(settings: Settings, console: Console, front, study, base_refusals: int):
+def _choose(
+    settings: Settings, console: Console, front, study, base_refusals: int, confirmation=None
+):
     """The headless twin of the menu's trial choice."""
     select = settings.select
     if select == "ask":
@@ -587,7 +602,7 @@ def _choose(settings: Settings, console: Console, front, study, base_refusals: i
     if select == "none":
         return None
     if select == "best":
-        return best_trial(front, base_refusals)
+        return choose_best(front, base_refusals, confirmation, settings.select_best_on)
     return trial_by_number(study, int(select))
 
 
