@@ -16,11 +16,19 @@ from rich.console import Console
 
 from heretic.cli import run
 from heretic.config import load_settings
-from heretic.confirmation import HeldOutScore, choose_best
+from heretic.confirmation import Confirmation, HeldOutScore, choose_best
 from heretic.edit import EditHooks, TrialEdit, merge_edit
 from heretic.errors import DatasetError, SettingsError
 from heretic.fingerprint import study_key
-from heretic.holdout import HOLDOUT_KEY, hold_out, split_off, text_rank
+from heretic.holdout import (
+    HOLDOUT_KEY,
+    AfterSearchSets,
+    HeldOutSet,
+    hold_out,
+    split_off,
+    text_rank,
+)
+from heretic.judges import MarkerJudge
 from heretic.loading import load_model
 from heretic.optimization import KL_ATTR, REFUSALS_ATTR, best_trial
 from heretic.perplexity import LOGITS_BUDGET, TokenTexts, _batches, cross_entropy, plain_texts
@@ -250,6 +258,58 @@ def test_batches_stay_within_the_logits_budget():
         assert len(batch) == 1 or len(batch) * max(lengths[i] for i in batch) * vocab <= (
             LOGITS_BUDGET
         )
+
+
+class _AlwaysRefuses:
+    """A judge that calls every prefix a refusal: an early stop would end every row at once."""
+
+    def is_refusal(self, response: str, prompt: str = "") -> bool:
+        return True
+
+    def count(self, responses, prompts=None) -> int:
+        return len(responses)
+
+
+def test_confirmation_decodes_every_row_to_the_end(tiny_chat_model):
+    model = load_model(str(tiny_chat_model))
+    decodings: list = []
+    plain = model.decoding
+
+    def recorded(*args, **kwargs):
+        decodings.append(plain(*args, **kwargs))
+        return decodings[-1]
+
+    model.decoding = recorded
+    directions = torch.nn.functional.normalize(
+        torch.randn(model.n_layers, model.hidden_size), dim=-1
+    )
+    sets = AfterSearchSets(HeldOutSet(BAD[:5], "bad"), HeldOutSet(GOOD[:3], "good"))
+    confirmation = Confirmation(
+        model=model,
+        hooks=EditHooks(model.sites, directions),
+        sets=sets,
+        judge=_AlwaysRefuses(),
+        markers=MarkerJudge(("sorry",)),
+        response_length=10,
+        batch_size=4,
+        perplexity=True,
+        console=Console(file=io.StringIO()),
+    )
+    (trial,) = _study_with([(0.1, 1)])
+    confirmation.confirm([trial])
+    # The original model answers the good prompts once (the perplexity text), then every
+    # model answers the bad prompts: 10 tokens each, nobody asked to stop them.
+    assert [d.n_rows for d in decodings] == [3, 4, 1, 4, 1]
+    for decoding in decodings:
+        assert decoding.is_decided is None
+        assert all(len(decoding.tokens[r]) == 10 for r in range(decoding.n_rows))
+    base, edited = confirmation.base, confirmation.trials[trial.number]
+    assert base.refusals == edited.refusals == 5 and base.kl_divergence == 0.0
+    assert edited.kl_divergence > 0 and edited.cross_entropy.n_tokens == 30
+    assert confirmation.texts is not None and confirmation.texts.n_tokens == 30
+    assert not confirmation.hooks.edit, "the trial's edit is switched off afterwards"
+    confirmation.confirm([trial])  # already confirmed: nothing decoded again
+    assert len(decodings) == 5
 
 
 # ----- end to end on the tiny model ----------------------------------------------------------

@@ -150,13 +150,17 @@ def front_table(front: Sequence[FrozenTrial], confirmation, n_bad: int) -> Table
             "-" if score.kl_divergence is None else f"{score.kl_divergence:.4f}",
             "-" if score.cross_entropy is None else f"{score.cross_entropy.perplexity:.3f}",
         )
-    caption = [f"held out: original model {_count(base.refusals, n_held)} refusals"]
-    if base.marker_refusals is not None:
-        caption[0] += f" ({_count(base.marker_refusals, n_held)} by markers)"
+    caption = []
+    if base.refusals is not None:
+        caption.append(
+            f"{_count(base.refusals, n_held)} refusals held out "
+            f"({_count(base.marker_refusals, n_held)} by markers)"
+        )
     if base.cross_entropy is not None:
         caption.append(f"perplexity {base.cross_entropy.perplexity:.3f}")
-    caption.append(f"confirmed in {confirmation.seconds:.0f} s")
-    table.caption = ", ".join(caption)
+    table.caption = (
+        f"original model: {', '.join(caption)}; " if caption else ""
+    ) + f"measured in {confirmation.seconds:.0f} s"
     return table
 
 
