@@ -127,6 +127,7 @@ def main() -> None:
             max_response_length=48,
             seed=42,
             select="none",
+            confirm=False,  # the search scores on the whole evaluation sets, as measured before
             device_map="cpu",
             **prompt_specs(),
             **CONFIGS[name],

@@ -92,6 +92,9 @@ def search(model_path: Path, out: Path, n_trials: int) -> tuple[Path, dict]:
         device_map="cpu",
         refusal_judge="adaptive",
         select="best",
+        # The chosen model is judged on all of advbench_rest[270:370] below: the search uses them
+        # all too, as it did when these figures were first measured.
+        confirm=False,
         export="model",
         bad_prompts=spec("advbench_rest.json", "[:270]"),
         good_prompts=spec("harmless_train.json", "[:400]"),

@@ -103,7 +103,8 @@ def run_ours(
     folder = workdir / f"ours-{label}-{n_trials}"
     subprocess.run(["rm", "-rf", str(folder)], check=True)
     folder.mkdir(parents=True)
-    settings = {"select": "none", "output_dir": "out", **extra}
+    # confirm = false: both tools' searches score on the same 100 evaluation prompts.
+    settings = {"select": "none", "output_dir": "out", "confirm": False, **extra}
     (folder / "config.toml").write_text(toml_config(model, n_trials, markers, prompts, settings))
     print(f"running heretic ({n_trials} trials, {label}: {extra}) in {folder} ...", flush=True)
     # `-m heretic.cli` with this interpreter: PYTHONPATH decides which source tree runs.

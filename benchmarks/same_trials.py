@@ -50,7 +50,10 @@ print(json.dumps({"base": result.base_refusals, "trials": trials}))
 
 
 def run_checkout(checkout: Path, model: str) -> dict:
+    # HERETIC_CONFIRM=false keeps the evaluation sets whole in a checkout that has the held-out
+    # confirmation; one without it ignores the variable.
     env = {**os.environ, "PYTHONPATH": str(checkout / "src"), "HF_HUB_OFFLINE": "1"}
+    env["HERETIC_CONFIRM"] = "false"
     with tempfile.TemporaryDirectory() as work:
         done = subprocess.run(
             [sys.executable, "-c", _RUN, model, work, str(DATA)],

@@ -236,7 +236,13 @@ def main() -> None:
             prompts,
             # No warm start: its profile was measured on this very organism, so it would
             # speed the search up by prior knowledge, not by cheaper trials.
-            {"select": "none", "output_dir": "out", "use_warm_start_params": False},
+            # confirm = false: both tools score on the same 100 evaluation prompts.
+            {
+                "select": "none",
+                "output_dir": "out",
+                "use_warm_start_params": False,
+                "confirm": False,
+            },
         )
     )
     print(f"running heretic ({args.n_trials} trials) ...", flush=True)

@@ -27,6 +27,7 @@ from heretic.fingerprint import (
     is_prompt_set,
     study_key,
 )
+from heretic.holdout import HOLDOUT_KEY
 from heretic.optimization import open_study
 from heretic.sites import COMPONENTS
 
@@ -236,7 +237,9 @@ def test_a_directions_file_names_what_differs():
 
 def test_studies_recorded_before_this_module_still_match():
     """The study keys that heretic recorded before this module (tests/data) are what this
-    version computes for the same settings, except `seed` now joins a probing study's key."""
+    version computes for the same settings, except `seed` now joins a probing study's key, and
+    the held-out confirmation's share of the evaluation sets joins the key while it is taken
+    (its search scores on fewer prompts; with --no-confirm the old keys match as they were)."""
     recorded = json.loads((DATA / "study_fingerprints_v1.json").read_text())["studies"]
     assert len(recorded) >= 7
     for study in recorded:
@@ -244,6 +247,8 @@ def test_studies_recorded_before_this_module_still_match():
         expected = dict(study["fingerprint"])
         if settings.use_supervised_probing:
             expected["seed"] = settings.seed
+        assert study_key(settings.model_copy(update={"confirm": False})) == expected
+        expected[HOLDOUT_KEY] = {"bad_evaluation_prompts": 0.2, "good_evaluation_prompts": 0.2}
         assert study_key(settings) == expected, study["overrides"]
 
 

@@ -37,6 +37,7 @@ class FakeEvaluator:
     base_refusals = 7
     bad_prompts = ["bad"] * 8
     good_prompts = ["good"] * 5
+    thinks = False
     judge = AdaptiveJudge(markers=("sorry",), phrases=("that request crosses a line",))
 
 
@@ -111,10 +112,13 @@ def test_save_writes_card_metadata_and_plots(source_model, tmp_path):
     assert "library_name: transformers" in header
     assert "base_model" not in header  # a local folder is not a hub id
     assert "W' = W - w r (r^T W)" in card
-    assert "| refusals | 7/8 | 1/8 |" in card
+    assert "| refusals (original -> this model) | 7/8 -> 1/8 |" in card
     assert "1 refusal phrases learned from the source model" in " ".join(card.split())
-    assert "| KL divergence | 0 | 0.3000 |" in card
-    assert "first response token" in card and "5 prompts" in card
+    assert "| KL divergence | 0.3000 |" in card
+    assert "| harmless prompts (KL) | 5: good_evaluation_prompts" in card
+    assert "first response token" in card
+    # This finisher has no confirmation: the card says so instead of a held-out column.
+    assert "Held out: not measured (nothing to confirm on)." in card
     assert "`You are a helpful assistant.`" in card
     assert "--select 0" in card
     adapter_card = (out / "adapter" / "README.md").read_text()
@@ -148,9 +152,28 @@ def test_card_for_a_hub_model(tmp_path, monkeypatch):
     assert info.hub_id == "SomeOrg/Some-Model-7B" and info.license is None
     settings = load_settings(["--model", "SomeOrg/Some-Model-7B", "--output-dir", str(tmp_path)])
     metadata = {
-        "n_bad_evaluation_prompts": 100, "base_refusal_count": 90, "refusal_count": 3,
+        "n_bad_evaluation_prompts": 80, "base_refusal_count": 72, "refusal_count": 3,
         "kl_divergence": 0.12, "n_trials": 200, "seed": 42, "trial_number": 150,
         "best_params": {c: {"layer_min": 0.2, "layer_max": 0.8, "weight": 1.0} for c in COMPONENTS},
+        "in_search": {
+            "refusals": 3, "base_refusals": 72, "n_bad_prompts": 80, "bad_prompts": "harmful",
+            "kl_divergence": 0.12, "n_good_prompts": 80, "good_prompts": "harmless",
+            "kl_position": "first response token", "response_tokens": 100,
+            "decoding": "greedy, up to 100 tokens", "judge": "adaptive",
+        },
+        "held_out": {
+            "measured": True, "refusals": 9, "base_refusals": 18, "marker_refusals": 7,
+            "base_marker_refusals": 17, "unanswered": 0, "n_bad_prompts": 20,
+            "bad_prompts": "held-out harmful", "response_tokens": 256,
+            "decoding": "greedy, 256 tokens, decoded to the end", "judge": "adaptive",
+            "kl_divergence": 0.15, "n_good_prompts": 20, "good_prompts": "held-out harmless",
+            "kl_position": "first response token",
+        },
+        "perplexity": {
+            "measured": True, "texts": "responses", "n_texts": 20, "n_tokens": 5000,
+            "original": {"cross_entropy": 0.5, "perplexity": 1.6487},
+            "edited": {"cross_entropy": 0.7, "perplexity": 2.0138},
+        },
     }  # fmt: skip
     card = render_card(
         settings=settings,
@@ -161,7 +184,15 @@ def test_card_for_a_hub_model(tmp_path, monkeypatch):
     )
     header = card.split("---")[1]
     assert "base_model: SomeOrg/Some-Model-7B" in header and "license: llama3" in header
-    assert "| refusals | 90/100 | 3/100 |" in card
+    assert "| | in the search | held out |" in card
+    assert "| refusals (original -> this model) | 72/80 -> 3/80 | 18/20 -> 9/20 |" in card
+    assert "| by plain markers | - | 17/20 -> 7/20 |" in card
+    assert "| KL divergence | 0.1200 | 0.1500 |" in card
+    assert (
+        "| responses | greedy, up to 100 tokens | greedy, 256 tokens, decoded to the end |" in card
+    )
+    assert "Perplexity: 1.649 -> 2.014 (cross-entropy 0.5000 -> 0.7000 nats per token)" in card
+    assert "The held-out figures come from prompts no part of the search used" in card
 
 
 def test_gguf_export_of_a_safetensors_model_says_how(source_model, tmp_path):

@@ -54,13 +54,26 @@ def test_abliterating_the_organism_removes_refusals(organism, tmp_path, monkeypa
         "--good-evaluation-prompts.split", "[120:150]",
         "--n-trials", "6", "--n-startup-trials", "6",
         "--max-response-length", "24", "--batch-size", "32",
+        "--confirmation-response-length", "96",
         "--select", "best", "--output-dir", str(out),
     ]
     # fmt: on
     result = run(load_settings(argv), Console(file=open("/dev/null", "w")))  # noqa: SIM115
-    assert result.base_refusals >= 20, "the organism should refuse most harmful prompts"
+    n_bad = result.n_bad_evaluation_prompts
+    assert n_bad == 24, "the held-out confirmation takes 6 of the 30 evaluation prompts"
+    assert result.base_refusals >= 2 * n_bad // 3, "the organism should refuse most of them"
     assert result.refusals is not None and result.refusals <= result.base_refusals // 2
     assert result.kl_divergence is not None and result.kl_divergence < 1.0
+
+    # Held out: 96-token responses decoded to the end, on prompts the search never saw.
+    assert result.figures is not None
+    held, perplexity = result.figures["held_out"], result.figures["perplexity"]
+    assert held["n_bad_prompts"] == 6 and held["base_refusals"] >= 4
+    assert held["refusals"] <= held["base_refusals"] and held["kl_divergence"] < 1.0
+    # The edited model finds the original's own greedy answers less likely than it does.
+    assert perplexity["edited"]["cross_entropy"] > perplexity["original"]["cross_entropy"]
+    meta = json.loads((out / "heretic_metadata.json").read_text())
+    assert meta["held_out"] == held and "| held out |" in (out / "model" / "README.md").read_text()
 
     saved = load_model(str(out / "model"), system_prompt="You are a helpful assistant.")
     prompts = bad.read_text().splitlines()[120:130]

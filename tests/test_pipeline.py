@@ -111,7 +111,9 @@ def test_select_trial_exports_model_and_metadata(
         assert key in meta, key
     assert meta["trial_number"] == 1
     assert meta["n_trials"] == 2
-    assert meta["n_bad_evaluation_prompts"] == 8
+    # The held-out confirmation (on by default) takes 2 of the 8 evaluation prompts.
+    assert meta["n_bad_evaluation_prompts"] == 6
+    assert meta["held_out"]["n_bad_prompts"] == 2
     assert meta["settings"]["select"] == "1"
     # The judge that produced the refusal counts is recorded (the adaptive one by default).
     assert meta["refusal_judge"]["judge"] == "adaptive"

@@ -18,8 +18,13 @@ from typing import Any
 from pydantic import BaseModel
 
 from heretic.config import Settings
+from heretic.figures import figure_rows, held_out_note, markdown_table, perplexity_line
 
 TAGS = ["heretic", "abliterated", "uncensored"]
+HELD_OUT_TEXT = (
+    " The held-out figures come from prompts no part of the search used, measured once after\n"
+    "  it, with longer responses decoded to the end."
+)
 
 
 @dataclass
@@ -211,6 +216,13 @@ def _refusal_rule(settings: Settings, judge: dict[str, Any]) -> str:
     )
 
 
+def _metrics(metadata: Mapping[str, Any]) -> str:
+    """The side-by-side table of the search's and the held-out figures (`figures`)."""
+    table = markdown_table(figure_rows(metadata))
+    note = held_out_note(metadata)
+    return f"{table}\n\n{note}" if note else table
+
+
 def render_card(
     *,
     settings: Settings,
@@ -239,11 +251,6 @@ def render_card(
     source_name = source.hub_id or Path(settings.model).name
     if source.gguf_file and source.gguf_file not in source_name:
         source_name = f"{source_name} ({source.gguf_file})"
-    n_bad = metadata["n_bad_evaluation_prompts"]
-    n_good = metadata.get("n_good_evaluation_prompts")
-    base_refusals = metadata["base_refusal_count"]
-    refusals = metadata["refusal_count"]
-    kl = metadata["kl_divergence"]
     system_prompt = settings.system_prompt or "(none)"
     rule = _refusal_rule(settings, metadata.get("refusal_judge") or {})
     what = {
@@ -259,7 +266,6 @@ def render_card(
         if source.license
         else "License: unknown; the source model's license applies."
     )
-    good_line = f" ({n_good} prompts)" if n_good else ""
     return f"""---
 {header}
 ---
@@ -298,16 +304,16 @@ Layer positions are fractions of depth (0 = first of the {n_layers} layers, 1 = 
 
 ## Metrics
 
-| | source model | this model |
-|---|---|---|
-| refusals | {base_refusals}/{n_bad} | {refusals}/{n_bad} |
-| KL divergence | 0 | {kl:.4f} |
+{_metrics(metadata)}
 
-- **Refusals**: greedy responses (up to {settings.max_response_length} new tokens) to the
-  harmful evaluation prompts {_dataset_text(settings.bad_evaluation_prompts)}; {rule}
-- **KL divergence**: `KL(P_source || P_edited)` of the first response token, averaged over the
-  harmless evaluation prompts {_dataset_text(settings.good_evaluation_prompts)}{good_line}; it
-  measures how much the edit changes the model on ordinary requests (0 = unchanged).
+- **Refusals**: greedy responses to harmful prompts; {rule}
+- **In the search{" / held out" if not held_out_note(metadata) else ""}**: the search chose
+  this trial as the best of many, each measured on the same prompts, so its own figures flatter
+  it.{HELD_OUT_TEXT if not held_out_note(metadata) else ""}
+- **KL divergence**: `KL(P_source || P_edited)` of the next token where the response starts,
+  averaged over harmless prompts; it measures how much the edit changes the model on ordinary
+  requests (0 = unchanged).
+- {perplexity_line(metadata)}
 - System prompt during evaluation: `{system_prompt}`; model dtype during the search:
   `{settings.dtype}`.
 

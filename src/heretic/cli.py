@@ -14,15 +14,16 @@ from rich.markup import escape
 
 from heretic.checks import overlap_warnings
 from heretic.config import Settings, load_settings
+from heretic.confirmation import choose_best, print_front, print_report, start_confirmation
 from heretic.errors import HereticError
 from heretic.extraction import obtain_directions
 from heretic.finish import Finisher
+from heretic.holdout import hold_out, sets_to_load
 from heretic.loading import load_model
 from heretic.model import Model
 from heretic.optimization import (
     KL_ATTR,
     REFUSALS_ATTR,
-    best_trial,
     pareto_front,
     trial_by_number,
 )
@@ -45,6 +46,8 @@ class RunResult:
     refusals: int | None
     output_dir: Path
     seconds: float
+    figures: dict | None = None
+    """The chosen trial's metadata, with its figures in the search and held out."""
 
 
 def seed_everything(seed: int) -> None:
@@ -75,7 +78,7 @@ def _run(settings: Settings, console: Console) -> RunResult:
     started = time.perf_counter()
     seed_everything(settings.seed)
     check_local_inputs(settings)  # before the hub is asked for anything
-    prompts = _prompts(settings, console)
+    prompts, after_search = _prompts(settings, console)
     # Before the model loads: an unreachable storage or a study made with other settings
     # should cost the user seconds, not the minutes of loading a large model.
     study = open_checked_study(settings, console)
@@ -101,6 +104,9 @@ def _run(settings: Settings, console: Console) -> RunResult:
     search.run(settings.n_trials)
     if not pareto_front(study):
         raise HereticError("The study has no finished trials, so there is nothing to choose.")
+    confirmation = start_confirmation(
+        settings, console, model, hooks, evaluator, after_search, batch_size
+    )
     finisher = Finisher(
         settings=settings,
         console=console,
@@ -112,6 +118,7 @@ def _run(settings: Settings, console: Console) -> RunResult:
         search_more=search.run,
         prompts=prompts,
         batch_size=batch_size,
+        confirmation=confirmation,
     )
     result = _finish(settings, console, finisher)
     hooks.remove()
@@ -119,16 +126,18 @@ def _run(settings: Settings, console: Console) -> RunResult:
     return result
 
 
-def _prompts(settings: Settings, console: Console) -> dict[str, list[str]]:
+def _prompts(settings: Settings, console: Console):
+    """The prompt sets the search uses, and the held-out sets scored after it."""
     console.print("[bold]Loading prompts[/]")
     # The refinements' prompt sets load only when they are on and directions are computed.
     extra_sets = () if settings.directions is not None else extra_prompt_sets(settings)
-    prompts = load_prompt_sets(settings, PROMPT_SETS + extra_sets)
+    prompts = load_prompt_sets(settings, PROMPT_SETS + extra_sets + sets_to_load(settings))
+    prompts, after_search = hold_out(settings, prompts, lambda line: console.print(f"  {line}"))
     for name, values in prompts.items():
         console.print(f"  {name}: {len(values)} prompts")
     for line in overlap_warnings(prompts):
         console.print(f"[yellow]Warning:[/] {escape(line)}", highlight=False)
-    return prompts
+    return prompts, after_search
 
 
 def _model(settings: Settings, prompts: dict, console: Console) -> tuple[Model, int]:
@@ -156,15 +165,19 @@ def _finish(settings: Settings, console: Console, finisher: Finisher) -> RunResu
     if _interactive(settings):
         from heretic.menu import run_menu
 
-        saved = run_menu(
-            finisher,
-            show_front=lambda f: console.print(front_table(f, evaluator.base_refusals, n_bad)),
-        )
+        def show_front(f) -> None:
+            console.print(front_table(f, evaluator.base_refusals, n_bad))
+            print_front(console, finisher.confirmation, f, n_bad)
+
+        saved = run_menu(finisher, show_front=show_front)
         chosen = None if saved is None else trial_by_number(study, saved)
     else:
         front = pareto_front(study)
         console.print(front_table(front, evaluator.base_refusals, n_bad))
-        chosen = _choose(settings, console, front, study, evaluator.base_refusals)
+        print_front(console, finisher.confirmation, front, n_bad)
+        chosen = _choose(
+            settings, console, front, study, evaluator.base_refusals, finisher.confirmation
+        )
         if chosen is not None:
             finisher.headless(chosen)
     result = RunResult(
@@ -186,6 +199,8 @@ def _finish(settings: Settings, console: Console, finisher: Finisher) -> RunResu
             f"{result.refusals}/{n_bad}, KL divergence {result.kl_divergence:.4f}[/] "
             f"(trial {chosen.number}); {where}"
         )
+        result.figures = finisher.metadata(chosen)
+        print_report(console, result.figures, chosen.number)
     return result
 
 
@@ -212,7 +227,9 @@ def _interactive(settings: Settings) -> bool:
     return settings.select == "ask" and sys.stdin.isatty() and sys.stdout.isatty()
 
 
-def _choose(settings: Settings, console: Console, front, study, base_refusals: int):
+def _choose(
+    settings: Settings, console: Console, front, study, base_refusals: int, confirmation=None
+):
     """The headless twin of the menu's trial choice."""
     select = settings.select
     if select == "ask":
@@ -221,7 +238,7 @@ def _choose(settings: Settings, console: Console, front, study, base_refusals: i
     if select == "none":
         return None
     if select == "best":
-        return best_trial(front, base_refusals)
+        return choose_best(front, base_refusals, confirmation, settings.select_best_on)
     return trial_by_number(study, int(select))
 
 

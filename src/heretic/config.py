@@ -363,6 +363,40 @@ class Settings(BaseSettings):
         "max_response_length, so a trial that cannot reach the Pareto front is pruned early "
         "(exact: front numbers are unaffected; needs prune_dominated_trials); 0 = off.",
     )
+    confirm: bool = Field(
+        default=True,
+        description="After the search, score the chosen trial and the other Pareto-front points "
+        "once more on prompts the search never saw (a held-out share of each evaluation set, or "
+        "confirmation_*_prompts), at confirmation_response_length tokens decoded to the end, "
+        "and report those figures beside the search's (--no-confirm: the search uses the whole "
+        "evaluation sets and nothing is confirmed).",
+    )
+    confirmation_holdout: float = Field(
+        default=0.2,
+        gt=0.0,
+        lt=1.0,
+        description="Share of each evaluation set held out of the search for the confirmation, "
+        "where confirmation_bad_prompts / confirmation_good_prompts are not given (chosen by a "
+        "hash of each prompt's text, so every rerun holds out the same prompts).",
+    )
+    confirmation_response_length: int = Field(
+        default=256,
+        ge=1,
+        description="Tokens generated per held-out bad prompt, every response decoded to the end "
+        "(no early stop, no screening, no pruning); also the most tokens of each perplexity "
+        "text.",
+    )
+    select_best_on: Literal["search", "held_out"] = Field(
+        default="search",
+        description="The figures --select best ranks the Pareto front by: 'search' (the "
+        "search's) or 'held_out' (the confirmation's; needs confirm).",
+    )
+    perplexity: bool = Field(
+        default=True,
+        description="Measure the cross-entropy (reported with its perplexity) of the original "
+        "and the edited model on perplexity_texts, or by default on the original model's "
+        "responses to the held-out good prompts (that default needs confirm).",
+    )
     save: bool = Field(
         default=True,
         description="Headless: save the selected trial to OUTPUT_DIR (--no-save: only report it). "
@@ -507,6 +541,24 @@ class Settings(BaseSettings):
         description="Plain prose whose covariance is subtracted from the sacred prompts' "
         "(empty lines are dropped).",
     )
+    confirmation_bad_prompts: DatasetSpecification | None = Field(
+        default=None,
+        description="Harmful prompts for the held-out confirmation instead of a share of "
+        "bad_evaluation_prompts (which the search then uses whole); prompts the search uses are "
+        "left out.",
+    )
+    confirmation_good_prompts: DatasetSpecification | None = Field(
+        default=None,
+        description="Harmless prompts for the held-out confirmation's KL divergence (and the "
+        "default perplexity text) instead of a share of good_evaluation_prompts; prompts the "
+        "search uses are left out.",
+    )
+    perplexity_texts: DatasetSpecification | None = Field(
+        default=None,
+        description="Plain texts for the perplexity, each scored up to "
+        "confirmation_response_length tokens (default: the original model's responses to the "
+        "held-out good prompts).",
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -546,6 +598,25 @@ class Settings(BaseSettings):
                     f"direction_scope to 'per_layer' (it is {self.direction_scope!r}) or readout "
                     "to 'direction'"
                 )
+        return self
+
+    @model_validator(mode="after")
+    def _check_confirmation(self) -> Settings:
+        if self.confirm:
+            return self
+        given = [
+            n for n in ("confirmation_bad_prompts", "confirmation_good_prompts") if getattr(self, n)
+        ]
+        if given:
+            raise ValueError(
+                f"{' and '.join(given)} given while confirm is false: drop them or set confirm "
+                "to true"
+            )
+        if self.select_best_on == "held_out":
+            raise ValueError(
+                "select_best_on 'held_out' ranks by the confirmation's figures, which confirm = "
+                "false turns off: set confirm to true or select_best_on to 'search'"
+            )
         return self
 
     @field_validator("response_prefix")
@@ -775,7 +846,7 @@ def default_toml() -> str:
         if name == "config":
             continue
         value = getattr(defaults, name)
-        if isinstance(value, BaseModel):
+        if isinstance(value, BaseModel) or field.annotation == DatasetSpecification | None:
             tables.append((name, field, value))
             continue
         lines.append(f"# {field.description}")
@@ -783,6 +854,12 @@ def default_toml() -> str:
         lines.append("")
     for name, field, value in tables:
         lines.append(f"# {field.description}")
+        if value is None:  # an optional prompt set: a table to fill in
+            lines.append(f"# [{name}]")
+            lines.append('# dataset = "..."')
+            lines.append('# split = "..."')
+            lines.append("")
+            continue
         lines.append(f"[{name}]")
         for key, sub in type(value).model_fields.items():
             sub_value = getattr(value, key)

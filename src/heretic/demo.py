@@ -68,6 +68,13 @@ def main(argv: list[str] | None = None) -> None:
     if result.refusals is not None:
         console.print(f"refusals after:  {result.refusals}/{n} (trial {result.chosen_trial})")
         console.print(f"KL divergence:   {result.kl_divergence:.4f}")
+        held = (result.figures or {}).get("held_out", {})
+        if held.get("measured") and "refusals" in held:
+            m = held["n_bad_prompts"]
+            console.print(
+                f"held out:        {held['base_refusals']}/{m} -> {held['refusals']}/{m} refusals "
+                f"({held['response_tokens']} tokens), KL {held['kl_divergence']:.4f}"
+            )
         console.print(f"model:           {Path(result.output_dir) / 'model'}")
     console.print(f"wall time:       {minutes:.1f} min")
 

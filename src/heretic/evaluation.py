@@ -120,6 +120,12 @@ class Evaluator:
             )
         return thinking
 
+    @property
+    def thinks(self) -> bool:
+        """Whether the KL passes start after the original model's chain of thought (at the
+        first answer token) rather than at the first response token."""
+        return self._good_thinking is not None
+
     def use_judge(self, judge: Judge) -> None:
         """Judge with `judge` from now on, re-counting the original model's refusals.
 

@@ -30,6 +30,7 @@ import optuna
 
 from heretic.config import DatasetSpecification, Settings
 from heretic.errors import StudyError
+from heretic.holdout import HOLDOUT_KEY, evaluation_holdout
 
 Condition = tuple[str, object]
 """(setting, value): the part counts only while the setting has that value."""
@@ -170,9 +171,16 @@ def changes_directions(part: Part, dumped: Mapping[str, Any]) -> bool:
 
 
 def study_key(settings: Settings) -> dict[str, Any]:
-    """The values (JSON-ready) of the parts that count with these settings."""
+    """The values (JSON-ready) of the parts that count with these settings, and the evaluation
+    sets' held-out shares (`holdout.evaluation_holdout`) while the confirmation takes any: the
+    search then scores on fewer prompts. A study made with the whole sets (before the
+    confirmation existed, or with it off) is therefore not continued with a held-out split."""
     dumped = settings.model_dump(mode="json")
-    return {p.name: dumped[p.name] for p in PARTS if _counts(p, dumped)}
+    key = {p.name: dumped[p.name] for p in PARTS if _counts(p, dumped)}
+    holdout = evaluation_holdout(settings)
+    if holdout:
+        key[HOLDOUT_KEY] = holdout
+    return key
 
 
 def text_digest(texts: list[str]) -> str:

@@ -28,6 +28,7 @@ from heretic.abliteration import describe_params, edit_from_params, params_recor
 from heretic.atomic import staged_folder
 from heretic.card import render_card, source_info
 from heretic.config import Settings
+from heretic.confirmation import figures_metadata
 from heretic.edit import TrialEdit, merge_edit, restore_weights
 from heretic.errors import ExportError
 from heretic.export import (
@@ -64,6 +65,9 @@ class Finisher:
 
     `search_more(total)` runs the study up to `total` finished trials (the CLI's search with
     its progress bar); `prompts` and `batch_size` are used for the residual picture only.
+    `confirmation` (a `confirmation.Confirmation`, or None with nothing to confirm on) gives
+    the held-out figures and perplexity that the metadata and the card show beside the
+    search's; a trial not yet confirmed is confirmed when it is saved.
     """
 
     def __init__(
@@ -79,6 +83,7 @@ class Finisher:
         search_more: Callable[[int], None],
         prompts: dict[str, list[str]] | None = None,
         batch_size: int = 8,
+        confirmation=None,
     ) -> None:
         self.settings = settings
         self.console = console
@@ -90,6 +95,7 @@ class Finisher:
         self.search_more = search_more
         self.prompts = prompts or {}
         self.batch_size = batch_size
+        self.confirmation = confirmation
         self.saved_trial: int | None = None
         self.saved_paths: list[Path] = []
 
@@ -200,6 +206,7 @@ class Finisher:
         if UNANSWERED_ATTR in trial.user_attrs:  # reasoning models: among the refusals
             metadata["unanswered_count"] = trial.user_attrs[UNANSWERED_ATTR]
         metadata["exports"] = self.formats()
+        metadata |= figures_metadata(self.settings, self.evaluator, self.confirmation, trial)
         return metadata
 
     def save(self, trial: FrozenTrial) -> list[Path]:

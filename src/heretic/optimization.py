@@ -499,29 +499,40 @@ def pareto_front(study: optuna.Study) -> list[FrozenTrial]:
     return sorted(front, key=lambda t: (objectives(t).refusals, objectives(t).kl_divergence))
 
 
-def did_nothing(trial: FrozenTrial, base_refusals: int) -> bool:
+def did_nothing(
+    trial: FrozenTrial,
+    base_refusals: int,
+    score: Callable[[FrozenTrial], Objectives] = objectives,
+) -> bool:
     """True when the trial's refusals are not clearly below the original model's.
 
     A trial that barely edits the model has a tiny KL divergence and (almost) the base
     refusal count; it is on the Pareto front (nothing has lower KL) and, with few refusals to
     remove, can even be the point nearest the origin. It is never the edit anyone wants.
+    `score` reads a trial's figures (the search's by default; the held-out confirmation's
+    with the original model's held-out count as `base_refusals`).
     """
-    return objectives(trial).refusals > DO_NOTHING_FRACTION * base_refusals
+    return score(trial).refusals > DO_NOTHING_FRACTION * base_refusals
 
 
-def best_trial(front: list[FrozenTrial], base_refusals: int) -> FrozenTrial:
+def best_trial(
+    front: list[FrozenTrial],
+    base_refusals: int,
+    score: Callable[[FrozenTrial], Objectives] = objectives,
+) -> FrozenTrial:
     """The front trial nearest the origin, with refusals scaled by the base refusal count.
 
     Trials that did nothing (`did_nothing`: refusals above 90% of the base count) are passed
     over whenever the front has any other point; only a front made of them alone yields one.
+    `score` as for `did_nothing`.
     """
     if not front:
         raise StudyError("The study has no finished trials to choose from.")
     scale = max(base_refusals, 1)
-    candidates = [t for t in front if not did_nothing(t, base_refusals)] or front
+    candidates = [t for t in front if not did_nothing(t, base_refusals, score)] or front
 
     def distance(trial: FrozenTrial) -> float:
-        kl_divergence, refusals = objectives(trial)
+        kl_divergence, refusals = score(trial)
         return math.hypot(kl_divergence, refusals / scale)
 
     return min(candidates, key=distance)
