@@ -17,6 +17,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
+from heretic.capability_report import card_section
 from heretic.config import Settings
 from heretic.figures import figure_rows, held_out_note, markdown_table, perplexity_line
 
@@ -317,7 +318,7 @@ Layer positions are fractions of depth (0 = first of the {n_layers} layers, 1 = 
 - System prompt during evaluation: `{system_prompt}`; model dtype during the search:
   `{settings.dtype}`.
 
-## Reproducing
+{card_section(metadata.get("benchmarks"))}## Reproducing
 
 ```bash
 {reproduce_command(settings, metadata["trial_number"])}

@@ -431,6 +431,45 @@ class Settings(BaseSettings):
         description="Also draw OUTPUT_DIR/residuals.png: good vs bad residuals in 2-D, per edited "
         "layer.",
     )
+    benchmarks: list[str] = Field(
+        default_factory=list,
+        description="lm-evaluation-harness tasks or groups to compare the chosen trial with the "
+        'original model on, e.g. ["mmlu", "gsm8k"] (--benchmarks mmlu,gsm8k); heretic_facts and '
+        "heretic_words ship with heretic and run offline (docs/capability.md).",
+    )
+    benchmark_limit: int | None = Field(
+        default=None,
+        ge=1,
+        description="Documents per benchmark task (default: all); a quick estimate on a slow "
+        "machine, with a larger standard error.",
+    )
+    benchmark_num_fewshot: int | None = Field(
+        default=None,
+        ge=0,
+        description="Few-shot examples per benchmark question (default: each task's own; a "
+        "task that fixes 0 keeps 0).",
+    )
+    benchmark_chat_template: bool = Field(
+        default=False,
+        description="Benchmark with the chat template and system prompt (lm-eval's "
+        "apply_chat_template, few-shot as turns); off = plain text, as most published scores.",
+    )
+    benchmark_batch_size: int = Field(
+        default=0,
+        ge=0,
+        description="Benchmark batch size (0 = lm-eval's automatic choice on a GPU, up to "
+        "max_batch_size; 8 on the CPU).",
+    )
+    benchmark_task_paths: list[Path] = Field(
+        default_factory=list,
+        description="Folders of your own lm-eval task YAML files, usable by name in benchmarks.",
+    )
+    run_benchmarks: bool = Field(
+        default=True,
+        description="Headless: run benchmarks on the chosen trial (after saving it) and add the "
+        "results to the metadata and model card; --no-run-benchmarks skips them. The menu has a "
+        "Benchmark action instead.",
+    )
     directions: Path | None = Field(
         default=None,
         description="Refusal directions file to use instead of computing them (default: "
@@ -695,6 +734,12 @@ class Settings(BaseSettings):
             )
         return self
 
+    @field_validator("benchmarks")
+    @classmethod
+    def _split_benchmarks(cls, value: list[str]) -> list[str]:
+        """`--benchmarks mmlu,gsm8k` and a list read the same."""
+        return [name.strip() for item in value for name in item.split(",") if name.strip()]
+
     @field_validator("refusal_markers")
     @classmethod
     def _normalize_markers(cls, value: list[str]) -> list[str]:
@@ -828,6 +873,8 @@ def _toml_value(value: Any) -> str:
     if isinstance(value, str):
         return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
     if isinstance(value, list):
+        if not value:
+            return "[]"
         inner = ",\n".join(f"    {_toml_value(v)}" for v in value)
         return f"[\n{inner},\n]"
     raise TypeError(type(value))

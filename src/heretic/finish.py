@@ -25,12 +25,12 @@ from optuna.trial import FrozenTrial
 from rich.console import Console
 
 from heretic.abliteration import describe_params, edit_from_params, params_record
-from heretic.atomic import staged_folder
+from heretic.atomic import staged_folder, write_text
 from heretic.card import render_card, source_info
 from heretic.config import Settings
 from heretic.confirmation import figures_metadata
 from heretic.edit import TrialEdit, merge_edit, restore_weights
-from heretic.errors import ExportError
+from heretic.errors import ExportError, HereticError
 from heretic.export import (
     build_metadata,
     write_adapter_files,
@@ -98,6 +98,9 @@ class Finisher:
         self.confirmation = confirmation
         self.saved_trial: int | None = None
         self.saved_paths: list[Path] = []
+        self.benchmark_records: dict[int, dict] = {}  # trial number -> metadata "benchmarks"
+        self._cards: dict[Path, tuple[list[str], bool]] = {}  # saved folder -> (formats, adapter)
+        self._source = None
 
     # ----- the study ---------------------------------------------------------------------
 
@@ -207,6 +210,8 @@ class Finisher:
             metadata["unanswered_count"] = trial.user_attrs[UNANSWERED_ATTR]
         metadata["exports"] = self.formats()
         metadata |= figures_metadata(self.settings, self.evaluator, self.confirmation, trial)
+        if trial.number in self.benchmark_records:
+            metadata["benchmarks"] = self.benchmark_records[trial.number]
         return metadata
 
     def save(self, trial: FrozenTrial) -> list[Path]:
@@ -224,6 +229,7 @@ class Finisher:
         output_dir = self.settings.output_dir
         self.hooks.clear()
         written: list[Path] = []
+        self._source, self._cards = source, {}
         model_formats = [f for f in formats if f in ("model", "gguf")]
         if model_formats:
             folder = output_dir / "model"
@@ -244,6 +250,7 @@ class Finisher:
                 )
                 (tmp / "README.md").write_text(card, encoding="utf-8")
             written.append(folder)
+            self._cards[folder] = (model_formats, False)
         if "adapter" in formats:
             folder = output_dir / "adapter"
             self.console.print(
@@ -266,6 +273,7 @@ class Finisher:
                 )
                 (tmp / "README.md").write_text(card, encoding="utf-8")
             written.append(folder)
+            self._cards[folder] = (["adapter"], True)
         write_json(metadata, output_dir / "heretic_metadata.json")
         self.saved_trial = trial.number
         self.saved_paths = written
@@ -384,16 +392,76 @@ class Finisher:
         finally:
             self.hooks.clear()
 
+    # ----- benchmarks --------------------------------------------------------------------
+
+    def benchmark(self, trial: FrozenTrial, tasks: Sequence[str] | None = None) -> dict:
+        """lm-eval tasks (default: the `benchmarks` setting) on the original model (cached) and
+        on the trial with its edit switched on (nothing merged or saved); prints the table. The
+        results go into the trial's metadata and cards, rewritten now when it is saved."""
+        from heretic.capability import CACHE_FOLDER, BenchmarkOptions, Benchmarks
+        from heretic.capability_report import benchmark_record, comparison_table, merge_records
+
+        names = list(self.settings.benchmarks if tasks is None else tasks)
+        benchmarks = Benchmarks(
+            names,
+            BenchmarkOptions.from_settings(self.settings),
+            self.settings.benchmark_task_paths,
+            self.settings.output_dir / CACHE_FOLDER,
+            log=lambda line: self.console.print(f"  {line}", highlight=False),
+        )
+        strengths, directions = edit_from_params(params_from_trial(trial), self.directions)
+        self.console.print(f"[bold]Benchmarking[/] trial {trial.number}: {', '.join(names)}")
+        comparison = benchmarks.compare(
+            self.model, lambda: self.hooks.set_strengths(strengths, directions), self.hooks.clear
+        )
+        title = f"Benchmarks: original model vs trial {trial.number}"
+        self.console.print(comparison_table(comparison, title))
+        record = merge_records(
+            self.benchmark_records.get(trial.number), benchmark_record(comparison)
+        )
+        self.benchmark_records[trial.number] = record
+        if self.saved_trial == trial.number:
+            self._update_saved(trial)
+        return record
+
+    def _update_saved(self, trial: FrozenTrial) -> None:
+        """Rewrite the saved trial's metadata and cards (the weights stay as they are)."""
+        metadata = self.metadata(trial)
+        for folder, (formats, adapter) in self._cards.items():
+            card = render_card(
+                settings=self.settings,
+                source=self._source,
+                metadata=metadata,
+                n_layers=self.model.n_layers,
+                formats=formats,
+                adapter=adapter,
+            )
+            write_text(folder / "README.md", card, "the model card")
+        write_json(metadata, self.settings.output_dir / "heretic_metadata.json")
+        self.console.print(f"  results added to {', '.join(str(f) for f in self._cards)} cards")
+
     # ----- headless ----------------------------------------------------------------------
 
     def headless(self, trial: FrozenTrial) -> None:
-        """What the flags ask for: save (unless --no-save), then upload when a repo is given."""
-        if self.settings.upload_repo_id:
-            self.upload(trial, self.settings.upload_repo_id, self.settings.private)
-        elif self.settings.save:
+        """What the flags ask for: save (unless --no-save; an upload saves too), benchmark
+        (with `benchmarks` and run_benchmarks), then upload when a repo is given."""
+        settings = self.settings
+        if settings.save or settings.upload_repo_id:
             self.save(trial)
         else:
             self.plot_pareto(trial.number)
+        if settings.benchmarks and settings.run_benchmarks:
+            try:
+                self.benchmark(trial)
+            except HereticError as e:
+                saved = ", ".join(str(p) for p in self.saved_paths)
+                kept = f"; {saved} and heretic_metadata.json are complete" if saved else ""
+                raise type(e)(
+                    f"{e} (The study is kept{kept}; rerun with --no-run-benchmarks to skip the "
+                    "benchmarks.)"
+                ) from e
+        if settings.upload_repo_id:
+            self.upload(trial, settings.upload_repo_id, settings.private)
 
 
 def trial_label(trial: FrozenTrial, n_bad: int) -> str:

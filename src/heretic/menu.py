@@ -17,7 +17,7 @@ from heretic.optimization import objectives
 
 MORE = "more"
 QUIT = "quit"
-SAVE, UPLOAD, CHAT, BACK = "save", "upload", "chat", "back"
+SAVE, UPLOAD, CHAT, BENCHMARK, BACK = "save", "upload", "chat", "benchmark", "back"
 
 
 class Asker(Protocol):
@@ -125,6 +125,7 @@ def _trial_menu(finisher: Finisher, asker: Asker, trial) -> None:
                 (f"Save to {settings.output_dir} ({', '.join(finisher.formats())})", SAVE),
                 ("Upload to Hugging Face", UPLOAD),
                 ("Chat with it", CHAT),
+                ("Benchmark it against the original (lm-eval)", BENCHMARK),
                 ("Back to the trials", BACK),
             ],
         )
@@ -146,6 +147,12 @@ def _trial_menu(finisher: Finisher, asker: Asker, trial) -> None:
             )
         elif action == CHAT:
             _guarded(console, lambda: finisher.chat(trial))
+        elif action == BENCHMARK:
+            default = ",".join(settings.benchmarks) or "heretic_facts"
+            answer = asker.text("lm-eval tasks, comma-separated (mmlu, gsm8k, ...)", default)
+            names = [n.strip() for n in (answer or "").split(",") if n.strip()]
+            if names:
+                _guarded(console, lambda names=names: finisher.benchmark(trial, names))
 
 
 def _guarded(console, action) -> bool:

@@ -5,8 +5,9 @@ unreachable hub) that first contact fails with a message about the hub: a user w
 model folder or gave an empty prompt file would then be told about a dataset download instead of
 their own mistake. So everything local and cheap is checked first, each failure naming the input
 to fix: the model argument (an existing folder or .gguf file, or the form of a hub id), a
---directions file, every local prompt file (loaded whole: they are small) and the ids and splits
-of the hub prompt sets. Only then are the hub sets downloaded.
+--directions file, the benchmark tasks (their names, task folders and local data), every local
+prompt file (loaded whole: they are small) and the ids and splits of the hub prompt sets. Only
+then are the hub sets downloaded.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
+from heretic.capability import check_benchmarks
 from heretic.checks import check_prompt_count
 from heretic.config import DatasetSpecification, Settings
 from heretic.errors import DirectionsError, ModelLoadError
@@ -69,9 +71,10 @@ def _load_checked(spec: DatasetSpecification, name: str) -> list[str]:
 
 
 def check_local_inputs(settings: Settings) -> None:
-    """The model argument, the --directions file and the judge model's argument, before the
-    prompt sets load."""
+    """The model argument, the --directions file, the judge model's argument and the benchmark
+    tasks (names, folders, local data), before the prompt sets load."""
     check_model_argument(settings.model, settings.gguf_file)
     check_directions_file(settings.directions)
     if settings.refusal_judge == "model" and settings.judge_model:
         check_model_argument(settings.judge_model, None, "--judge-model")
+    check_benchmarks(settings)
