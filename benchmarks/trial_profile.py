@@ -27,7 +27,6 @@ from heretic.abliteration import (
     first_edited_layer,
     strengths_from_params,
 )
-from heretic.search import layer_skip_budget
 from heretic.config import DEFAULT_REFUSAL_MARKERS
 from heretic.decoding import regroup
 from heretic.directions import mean_difference
@@ -35,6 +34,7 @@ from heretic.edit import EditHooks
 from heretic.evaluation import Evaluator
 from heretic.judges import MarkerJudge
 from heretic.loading import load_model
+from heretic.search import layer_skip_budget
 from heretic.sites import ATTN, MLP
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"

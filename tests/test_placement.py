@@ -95,14 +95,14 @@ def test_a_cap_that_leaves_no_room_is_a_clear_error(tiny_chat_model):
 def test_where_layer_outputs_live():
     budget = 2**30
     assert layer_outputs_device("cpu", GPU, budget, 80 * 2**30) == CPU
-    assert layer_outputs_device("model", GPU, budget, 2**30) == GPU
-    assert layer_outputs_device("auto", GPU, budget, 80 * 2**30) == GPU
+    assert layer_outputs_device("model", GPU, budget, 2**30) is None  # with each layer
+    assert layer_outputs_device("auto", GPU, budget, 80 * 2**30) is None
     assert layer_outputs_device("auto", GPU, budget, 3 * 2**30) == CPU  # short of memory
-    assert layer_outputs_device("auto", GPU, budget, None) == GPU  # unknown: as before
-    assert layer_outputs_device("auto", CPU, budget, None) == CPU
+    assert layer_outputs_device("auto", GPU, budget, None) is None  # unknown: as before
+    assert layer_outputs_device("auto", CPU, budget, None) is None
     with pytest.raises(ValueError, match="unknown place"):
         layer_outputs_device("disk", GPU, budget, None)
-    assert batch_size_reserve(GPU, budget) == budget
+    assert batch_size_reserve(None, budget) == budget
     assert batch_size_reserve(CPU, budget) == 0
 
 

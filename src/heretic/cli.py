@@ -138,7 +138,9 @@ def _prompts(settings: Settings, console: Console) -> dict[str, list[str]]:
     return prompts
 
 
-def _model(settings: Settings, prompts: dict, console: Console) -> tuple[Model, int, torch.device]:
+def _model(
+    settings: Settings, prompts: dict, console: Console
+) -> tuple[Model, int, torch.device | None]:
     """The model to search on, the batch size (found automatically for batch_size 0, leaving
     room for the stored layer outputs) and where those are kept."""
     console.print(f"[bold]Loading model[/] {settings.model}")

@@ -58,18 +58,18 @@ def parse_max_memory(text: str) -> dict[int | str, str]:
 
 def layer_outputs_device(
     setting: str, model_device: torch.device, budget_bytes: int, free_bytes: int | None
-) -> torch.device:
-    """Where the stored layer outputs live: in CPU memory for "cpu", with the model for
-    "model"; "auto" keeps them with the model on a CPU, and on an accelerator while the budget
-    is at most AUTO_DEVICE_SHARE of its free memory (`free_bytes`, unknown = keep them there)."""
+) -> torch.device | None:
+    """Where the stored layer outputs live: CPU memory (torch.device("cpu")), or None for
+    where each layer runs (on several GPUs, each its own). "cpu" and "model" say so; "auto"
+    keeps them with the layers on a CPU, and on an accelerator while the budget is at most
+    AUTO_DEVICE_SHARE of its free memory (`free_bytes`; unknown: keep them there)."""
     if setting not in LAYER_OUTPUT_PLACES:
         raise ValueError(f"unknown place {setting!r} (choose from {LAYER_OUTPUT_PLACES})")
-    cpu = torch.device("cpu")
     if setting == "cpu":
-        return cpu
+        return torch.device("cpu")
     if setting == "model" or model_device.type == "cpu" or free_bytes is None:
-        return model_device
-    return model_device if budget_bytes <= AUTO_DEVICE_SHARE * free_bytes else cpu
+        return None
+    return None if budget_bytes <= AUTO_DEVICE_SHARE * free_bytes else torch.device("cpu")
 
 
 def free_accelerator_bytes(device: torch.device) -> int | None:
@@ -80,7 +80,8 @@ def free_accelerator_bytes(device: torch.device) -> int | None:
     return int(free)
 
 
-def batch_size_reserve(store: torch.device, budget_bytes: int) -> int:
-    """Accelerator memory the automatic batch size must leave free for the stored layer
-    outputs: the whole budget when they live on an accelerator, nothing in CPU memory."""
-    return budget_bytes if store.type != "cpu" else 0
+def batch_size_reserve(store: torch.device | None, budget_bytes: int) -> int:
+    """Memory the automatic batch size must leave free on the model's accelerator for the
+    stored layer outputs: their budget when they stay with the layers, nothing in CPU memory
+    (nor on a CPU model: `Model.find_batch_size` reserves on accelerators only)."""
+    return 0 if store is not None and store.type == "cpu" else budget_bytes

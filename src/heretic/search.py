@@ -79,9 +79,10 @@ def layer_skip_bytes(settings: Settings, model: Model) -> int:
     return layer_skip_budget(model.nbytes)
 
 
-def layer_outputs_store(settings: Settings, model: Model) -> torch.device:
-    """Where the stored layer outputs will live (see `placement.layer_outputs_device`);
-    decided once, before the batch size, which must leave room for them on an accelerator."""
+def layer_outputs_store(settings: Settings, model: Model) -> torch.device | None:
+    """Where the stored layer outputs will live (see `placement.layer_outputs_device`; None:
+    with each layer); decided once, before the batch size, which must leave room for them on
+    an accelerator."""
     return layer_outputs_device(
         settings.layer_outputs_device,
         model.device,
