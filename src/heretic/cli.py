@@ -27,11 +27,18 @@ from heretic.optimization import (
     pareto_front,
     trial_by_number,
 )
+from heretic.placement import batch_size_reserve
 from heretic.preflight import check_local_inputs, load_prompt_sets
 from heretic.refinements import extra_prompt_sets
 from heretic.report import front_table
 from heretic.reset import editable_matrices, make_edit
-from heretic.search import Search, open_checked_study, score_original
+from heretic.search import (
+    Search,
+    layer_outputs_store,
+    layer_skip_bytes,
+    open_checked_study,
+    score_original,
+)
 from heretic.workers import OutputDirLease, prepare_output_dir
 
 PROMPT_SETS = ("good_prompts", "bad_prompts", "good_evaluation_prompts", "bad_evaluation_prompts")
@@ -82,7 +89,7 @@ def _run(settings: Settings, console: Console) -> RunResult:
     # Before the model loads: an unreachable storage or a study made with other settings
     # should cost the user seconds, not the minutes of loading a large model.
     study = open_checked_study(settings, console)
-    model, batch_size = _model(settings, prompts, console)
+    model, batch_size, store = _model(settings, prompts, console)
     directions, readouts = obtain_directions(model, prompts, settings, batch_size, console)
     hooks = make_edit(
         settings.reset_strategy,
@@ -99,7 +106,7 @@ def _run(settings: Settings, console: Console) -> RunResult:
     if settings.compile:
         console.print("  compiling the model (torch.compile): the first passes are slow")
         model.compile()
-    evaluator = score_original(settings, model, prompts, batch_size, console)
+    evaluator = score_original(settings, model, prompts, batch_size, console, store)
     search = Search(settings, study, model, hooks, evaluator, console)
     search.run(settings.n_trials)
     if not pareto_front(study):
@@ -140,21 +147,26 @@ def _prompts(settings: Settings, console: Console):
     return prompts, after_search
 
 
-def _model(settings: Settings, prompts: dict, console: Console) -> tuple[Model, int]:
-    """The model to search on and the batch size (found automatically for batch_size 0)."""
+def _model(
+    settings: Settings, prompts: dict, console: Console
+) -> tuple[Model, int, torch.device | None]:
+    """The model to search on, the batch size (found automatically for batch_size 0, leaving
+    room for the stored layer outputs) and where those are kept."""
     console.print(f"[bold]Loading model[/] {settings.model}")
     model = _load(settings, log=lambda line: console.print(f"  {line}", highlight=False))
     console.print(
         f"  {model.architecture}: {model.n_layers} layers, hidden size "
         f"{model.hidden_size}, {model.dtype} on {model.device}"
     )
+    store = layer_outputs_store(settings, model)
     batch_size = settings.batch_size
     if batch_size == 0:
+        reserve = batch_size_reserve(store, layer_skip_bytes(settings, model))
         batch_size = model.find_batch_size(
-            prompts["bad_evaluation_prompts"], settings.max_batch_size
+            prompts["bad_evaluation_prompts"], settings.max_batch_size, reserve
         )
         console.print(f"  automatic batch size: {batch_size}")
-    return model, batch_size
+    return model, batch_size, store
 
 
 def _finish(settings: Settings, console: Console, finisher: Finisher) -> RunResult:
@@ -219,6 +231,8 @@ def _load(
         reasoning=settings.reasoning(),
         log=log,
         check_logits=dtype is None,
+        quantization=settings.quantization,
+        max_memory=settings.max_memory_map(),
     )
 
 

@@ -33,6 +33,7 @@ from pydantic_settings import (
 
 from heretic.errors import SettingsError
 from heretic.judges import normalize_text
+from heretic.placement import PLACING_DEVICE_MAPS, parse_max_memory
 from heretic.reasoning import DEFAULT_MAX_THINKING_TOKENS, Reasoning, open_block
 
 ENV_PREFIX = "HERETIC_"
@@ -211,7 +212,29 @@ class Settings(BaseSettings):
         "and is reported as unanswered.",
     )
     device_map: str = Field(
-        default="auto", description="Where the model runs: 'auto', 'cpu', 'cuda', 'cuda:1', ..."
+        default="auto",
+        description="Where the model runs: 'auto' (accelerate spreads it over the GPUs, then "
+        "the CPU), 'cpu', 'cuda', 'cuda:1', 'balanced', 'sequential', ...",
+    )
+    max_memory: str | None = Field(
+        default=None,
+        description="Memory cap per device for accelerate's placement (device_map 'auto', "
+        "'balanced' or 'sequential'), e.g. '0=20GiB,1=24GiB,cpu=64GiB' (GPU index or cpu = "
+        "size): what does not fit on the GPUs is offloaded to the CPU; unset = all free memory.",
+    )
+    quantization: Literal["none", "bnb_4bit", "bnb_8bit"] = Field(
+        default="none",
+        description="Load the model quantized by bitsandbytes for the directions and the "
+        "search: 'bnb_4bit' (NF4, about a quarter of bf16's memory) or 'bnb_8bit'; the chosen "
+        "edit is still merged into the checkpoint's full-precision weights. Needs "
+        "reset_strategy adapter and no --compile.",
+    )
+    layer_outputs_device: Literal["auto", "model", "cpu"] = Field(
+        default="auto",
+        description="Where skip_unedited_layers keeps the stored layer outputs: 'model' (with "
+        "the layers, on the accelerator), 'cpu' (CPU memory: frees the accelerator, costs a "
+        "copy per replayed batch), 'auto' (on the accelerator while they take at most a quarter "
+        "of its free memory, else the CPU). The automatic batch size leaves room for them.",
     )
     trust_remote_code: bool = Field(
         default=False, description="Allow model repositories to run their own Python code."
@@ -683,6 +706,40 @@ class Settings(BaseSettings):
     def reasoning(self) -> Reasoning:
         """The reasoning settings, as the model takes them."""
         return Reasoning(self.enable_thinking, self.response_prefix, self.max_thinking_tokens)
+
+    @field_validator("max_memory")
+    @classmethod
+    def _check_max_memory(cls, value: str | None) -> str | None:
+        if value is None or not value.strip():
+            return None
+        parse_max_memory(value)
+        return value.strip()
+
+    def max_memory_map(self) -> dict[int | str, str] | None:
+        """max_memory in the form accelerate takes ({0: "20GiB", "cpu": "64GiB"})."""
+        return None if self.max_memory is None else parse_max_memory(self.max_memory)
+
+    @model_validator(mode="after")
+    def _check_placement(self) -> Settings:
+        if self.max_memory is not None and self.device_map not in PLACING_DEVICE_MAPS:
+            raise ValueError(
+                f"max_memory caps accelerate's placement, but device_map {self.device_map!r} "
+                f"places the model itself: set device_map to one of {PLACING_DEVICE_MAPS} or "
+                "unset max_memory"
+            )
+        if self.quantization != "none":
+            if self.compile:
+                raise ValueError(
+                    f"--compile is not supported with quantization {self.quantization!r}: drop "
+                    "--compile or set quantization to 'none'"
+                )
+            if self.reset_strategy != "adapter":
+                raise ValueError(
+                    f"reset_strategy {self.reset_strategy!r} writes the edit into the weights, "
+                    f"which quantization {self.quantization!r} stores as codes: use "
+                    "reset_strategy 'adapter' (hooks) or quantization 'none'"
+                )
+        return self
 
     @model_validator(mode="after")
     def _check_compile(self) -> Settings:

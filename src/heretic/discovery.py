@@ -219,8 +219,10 @@ def _site(
                 f"{name} writes into the residual stream but has {module.out_features} outputs, "
                 f"not the hidden size {hidden}. This architecture is not supported."
             )
-        weights = [WriterTensor(f"{name}.weight", module.weight, 0)]
-        biases = [] if module.bias is None else [WriterTensor(f"{name}.bias", module.bias, 0)]
+        weights = [WriterTensor(f"{name}.weight", module.weight, 0, owner=module)]
+        biases = []
+        if module.bias is not None:
+            biases = [WriterTensor(f"{name}.bias", module.bias, 0, owner=module)]
         return EditSite(layer, component, name, module, weights, biases, gain)
     finder = TensorFinder(params, hidden, name)
     finder.walk(trace.tensors[module].grad_fn)

@@ -24,6 +24,7 @@ from heretic.abliteration import (
     project_out,
     row_edit,
 )
+from heretic.quantization import refuse_in_place
 from heretic.sites import EditSite, WriterTensor
 
 
@@ -74,7 +75,7 @@ class TrialEdit:
         mode = self.mode(site)
         if mode == "none":
             return RowEdit(a=u, b=u, weight=weight)
-        return row_edit(site.weights[0].param, u, weight, mode)
+        return row_edit(site.weights[0].value(), u, weight, mode)
 
 
 def edited_tensor(edit: RowEdit, tensor: WriterTensor, value: torch.Tensor) -> torch.Tensor:
@@ -198,8 +199,15 @@ def merge_edit(sites: Sequence[EditSite], edit: TrialEdit) -> dict[int, torch.Te
     """Merge the edit into the weights (float32 math, cast back); returns the originals.
 
     The returned {id(param): original tensor} lets `restore_weights` undo the merge exactly,
-    which subtracting the edit back in bf16 would not.
+    which subtracting the edit back in bf16 would not. Quantized weights are refused: their
+    stored values are codes, not the weights.
     """
+    edited = [site for site in sites if edit.weight(site) != 0.0]
+    refuse_in_place(
+        sorted({f for site in edited for f in site.quantization}),
+        "Merging into the loaded model",
+        "export from the checkpoint instead (export_method = 'shards')",
+    )
     originals: dict[int, torch.Tensor] = {}
     for site in sites:
         row = edit.row_edit(site)

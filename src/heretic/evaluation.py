@@ -67,6 +67,7 @@ class Evaluator:
         layer_skip_bytes: int = 0,
         log: Callable[[str], None] | None = None,
         progress: Callable[[int], None] | None = None,
+        layer_outputs_store: torch.device | None = None,
     ) -> None:
         self.model = model
         self.good_prompts = list(good_prompts)
@@ -79,7 +80,7 @@ class Evaluator:
         self._good_sorted = [self.good_prompts[i] for i in model.length_order(self.good_prompts)]
         self._bad_order = model.length_order(self.bad_prompts)
         self._good_thinking = self._base_thinking(log)
-        self.layer_outputs = self._plan_layer_skip(layer_skip_bytes)
+        self.layer_outputs = self._plan_layer_skip(layer_skip_bytes, layer_outputs_store)
         self.base_logprobs = model.first_token_logprobs(
             self._good_sorted,
             batch_size,
@@ -177,8 +178,11 @@ class Evaluator:
         """The answers to the bad prompts (in their order), each stopped once decided."""
         return self._responses(progress)[0]
 
-    def _plan_layer_skip(self, budget_bytes: int) -> LayerOutputs | None:
-        """Checkpoint layers whose stored outputs fit in `budget_bytes`, evenly spread."""
+    def _plan_layer_skip(
+        self, budget_bytes: int, store: torch.device | None
+    ) -> LayerOutputs | None:
+        """Checkpoint layers whose stored outputs fit in `budget_bytes`, evenly spread, kept on
+        `store` (None: where each layer runs)."""
         if budget_bytes <= 0 or not self.good_prompts:
             return None
         element = torch.finfo(self.model.dtype).bits // 8
@@ -188,7 +192,7 @@ class Evaluator:
             * element
         )
         n = budget_bytes // max(per_layer, 1)
-        plan = LayerOutputs.evenly_spaced(self.model.n_layers, n)
+        plan = LayerOutputs.evenly_spaced(self.model.n_layers, n, store)
         return plan if plan.layers else None
 
     def _check_layer_skip(self, log: Callable[[str], None]) -> None:
@@ -213,9 +217,10 @@ class Evaluator:
             self.layer_outputs = None
             log("Skipping unedited layers is off: on this model it changes the log-probs")
             return
+        where = "" if outputs.store is None else f" on {outputs.store.type}"
         log(
             f"KL passes skip unedited layers: outputs of {len(outputs.layers)} of "
-            f"{self.model.n_layers} layers kept ({outputs.nbytes / 2**20:.0f} MB)"
+            f"{self.model.n_layers} layers kept ({outputs.nbytes / 2**20:.0f} MB{where})"
         )
 
     def kl(self, first_edited_layer: int = 0) -> float:

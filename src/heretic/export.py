@@ -6,7 +6,7 @@ rename into place).
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -52,7 +52,7 @@ def write_model_files(model: torch.nn.Module, tokenizer, folder: Path, processor
 
 
 def adapter_weights(
-    sites: Sequence[EditSite], edit: TrialEdit
+    sites: Iterable[EditSite], edit: TrialEdit
 ) -> tuple[dict[str, torch.Tensor], list[str], bool]:
     """The edit as rank-1 LoRA weights keyed the way PEFT saves them, the target modules, and
     whether the adapter needs LoRA biases.
@@ -67,6 +67,10 @@ def adapter_weights(
     (`lora_magnitude_vector`) and is exact too. A site that is not one linear layer (a
     mixture-of-experts block, fused 3-D expert tensors) cannot be expressed by PEFT's LoRA:
     that is an error naming the module, never a silent skip.
+
+    W and the bias are read from the sites' tensors (`WriterTensor.value`), so a model searched
+    in 4/8 bits passes sites holding the checkpoint's full-precision tensors
+    (`shard_edits.stored_sites`): the adapter is applied to those.
     """
     tensors: dict[str, torch.Tensor] = {}
     targets: list[str] = []
@@ -80,19 +84,18 @@ def adapter_weights(
                 f"{site.describe()} is edited as a whole block (mixture of experts), which a "
                 "PEFT LoRA adapter cannot express: use --export model (merged safetensors)."
             )
-        module = site.module
-        w = module.weight.detach().float()
+        w = site.weights[0].value().float()
+        bias = site.biases[0].value().float() if site.biases else None
         row = row.to(w.device)
         prefix = f"base_model.model.{site.name}"
         tensors[f"{prefix}.lora_A.weight"] = (row.b @ w).unsqueeze(0).cpu().contiguous()
         tensors[f"{prefix}.lora_B.weight"] = (-row.weight * row.a).unsqueeze(1).cpu()
-        if module.bias is not None:
+        if bias is not None:
             if edit.mode(site) == "full":
                 raise ExportError(
                     f"{site.describe()} has a bias, which a DoRA adapter cannot edit exactly: "
                     "use --export model (merged safetensors) or row_normalization pre/none."
                 )
-            bias = module.bias.detach().float()
             tensors[f"{prefix}.lora_B.bias"] = (-row.weight * row.a * (row.b @ bias)).cpu()
             uses_bias = True
         if edit.mode(site) == "full":
@@ -107,7 +110,7 @@ def adapter_weights(
 
 
 def write_adapter_files(
-    sites: Sequence[EditSite],
+    sites: Iterable[EditSite],
     edit: TrialEdit,
     base_model: str,
     folder: Path,

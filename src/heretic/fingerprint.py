@@ -103,6 +103,8 @@ PARTS: tuple[Part, ...] = (
     Part("enable_thinking", directions=True, only_when_set=True),
     Part("response_prefix", directions=True, only_when_set=True),
     Part("max_thinking_tokens", directions=PROBING, only_when_set=True),
+    # Weights quantized to 4 or 8 bits move residuals and scores far more than a dtype does.
+    Part("quantization", directions=True, only_when_set=True),
 )
 """Settings whose change makes old and new trial scores incomparable. The others (n_trials,
 batch size, select, dtype, device, ...) can change between runs of one study."""

@@ -49,7 +49,7 @@ from heretic.optimization import (
     pareto_front,
 )
 from heretic.plots import TrialPoint, pareto_plot, residual_plot
-from heretic.shard_edits import plan_shard_export
+from heretic.shard_edits import plan_shard_export, stored_sites
 from heretic.shard_export import ShardExportUnsupported, write_edited_checkpoint
 from heretic.upload import UploadResult, upload_folder
 
@@ -256,10 +256,11 @@ class Finisher:
             self.console.print(
                 f"[bold]Saving[/] trial {trial.number} as a LoRA adapter to {folder}"
             )
+            edit = self._trial_edit(strengths, directions)
             with staged_folder(folder, "the adapter") as tmp:
                 write_adapter_files(
-                    self.model.sites,
-                    self._trial_edit(strengths, directions),
+                    self._adapter_sites(edit),
+                    edit,
                     source.hub_id or self.settings.model,
                     tmp,
                 )
@@ -327,11 +328,62 @@ class Finisher:
             return None
 
     def _write_in_memory(self, strengths, directions: torch.Tensor, folder: Path) -> None:
-        originals = merge_edit(self.model.sites, self._trial_edit(strengths, directions))
+        """Merge into the loaded model and save it; a model heretic loaded in 4/8 bits is
+        loaded again in full precision on the CPU for this (the edit must land in the real
+        weights, not in their quantized codes)."""
+        edit = self._trial_edit(strengths, directions)
+        if self.settings.quantization != "none":
+            self.console.print(
+                "  loading the model again in full precision on the CPU to merge the edit "
+                "(the whole model in memory; the default export_method 'shards' avoids it)"
+            )
+            model = self._full_precision()
+            merge_edit(model.sites, edit)
+            write_model_files(model.model, model.tokenizer, folder, model.processor)
+            return
+        if self.model.quantization:
+            raise ExportError(
+                f"The model's weights are stored quantized ({', '.join(self.model.quantization)})"
+                " as loaded, so the edit cannot be merged into them, and the checkpoint could not "
+                "be rewritten shard by shard either: save the edit as an adapter (--export "
+                "adapter), or start from the full-precision checkpoint."
+            )
+        originals = merge_edit(self.model.sites, edit)
         try:
             write_model_files(self.model.model, self.model.tokenizer, folder, self.model.processor)
         finally:
             restore_weights(self.model.sites, originals)
+
+    def _full_precision(self):
+        """The source model, unquantized, on the CPU, in the dtype the search computed in."""
+        from heretic.loading import load_model
+
+        settings = self.settings
+        return load_model(
+            settings.model,
+            gguf_file=settings.gguf_file,
+            dtype=str(self.model.dtype).removeprefix("torch."),
+            device_map="cpu",
+            trust_remote_code=settings.trust_remote_code,
+            system_prompt=settings.system_prompt,
+            reasoning=settings.reasoning(),
+            check_logits=False,
+        )
+
+    def _adapter_sites(self, edit: TrialEdit):
+        """The sites the adapter is computed from: the loaded model's (a quantized checkpoint's
+        dequantized), or, for a model heretic loaded in 4/8 bits, the same sites holding the
+        checkpoint's full-precision tensors."""
+        if self.settings.quantization == "none":
+            return self.model.sites
+        try:
+            return stored_sites(self.model.source.path, self.model.sites, edit)
+        except ShardExportUnsupported as e:
+            raise ExportError(
+                f"The model is loaded quantized ({', '.join(self.model.quantization)}), so the "
+                f"adapter is computed from the checkpoint's own weights, which failed: {e} Use "
+                "--export model."
+            ) from e
 
     def _write_gguf(self, source: Path, strengths, directions: torch.Tensor, folder: Path) -> None:
         import gguf

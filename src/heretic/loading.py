@@ -11,6 +11,12 @@ from torch import nn
 
 from heretic.errors import ModelLoadError
 from heretic.model import _DTYPES, Model, ModelSource, _resolve_dtype, resolve_source
+from heretic.quantization import (
+    QUANTIZATION_NAMES,
+    bnb_config,
+    check_bnb_backend,
+    checkpoint_quantization,
+)
 from heretic.reasoning import Reasoning
 
 
@@ -25,6 +31,8 @@ def load_model(
     reasoning: Reasoning | None = None,
     log: Callable[[str], None] | None = None,
     check_logits: bool = True,
+    quantization: str = "none",
+    max_memory: dict[int | str, str] | None = None,
 ) -> Model:
     """Load a hub id, local folder or GGUF file as a heretic `Model`.
 
@@ -36,6 +44,10 @@ def load_model(
     `dtype="auto"` tries the checkpoint's own dtype, then bfloat16, float16 and float32, and
     keeps the first that passes, telling `log` which; a named dtype that fails is an error.
     `check_logits=False` skips that check (a copy loaded only to read its weights).
+
+    `quantization` ("bnb_4bit", "bnb_8bit") loads the weights quantized by bitsandbytes (see
+    `quantization.py`); `max_memory` ({GPU index or "cpu": size}) caps what accelerate puts
+    on each device with `device_map` (a model that does not fit spills to the next device).
     """
     from transformers import AutoTokenizer
 
@@ -46,16 +58,24 @@ def load_model(
     tokenizer = _loading(source, lambda: AutoTokenizer.from_pretrained(source.path, **kwargs))
     auto_class, multimodal = _loading(source, lambda: _auto_class(source, kwargs))
     processor = _processor(source, kwargs) if multimodal else None
+    device = _device_map(device_map, max_memory)
+    _check_quantization(source, kwargs, quantization, device, log)
 
     def build(load_dtype: torch.dtype | str, device: str | None) -> Model:
+        # A copy each time: transformers rewrites the sizes in place.
+        extra: dict = {} if max_memory is None else {"max_memory": dict(max_memory)}
+        config = bnb_config(quantization, load_dtype, allow_cpu_offload=max_memory is not None)
+        if config is not None:
+            extra["quantization_config"] = config
         loaded = _loading(
             source,
-            lambda: auto_class.from_pretrained(
-                source.path, dtype=load_dtype, device_map=device, **kwargs
+            lambda: from_pretrained(
+                auto_class, source.path, dtype=load_dtype, device_map=device, **kwargs, **extra
             ),
         )
         if source.gguf_file:
             loaded = _dequantized_copy(loaded, dtype, device_map)
+        _check_not_on_disk(loaded, source)
         return Model(
             loaded,
             tokenizer,
@@ -67,9 +87,50 @@ def load_model(
 
     if source.gguf_file:
         return build(torch.float32, None)
-    return _first_finite(
-        lambda d: build(d, _device_map(device_map)), source, dtype, check_logits, log
-    )
+    return _first_finite(lambda d: build(d, device), source, dtype, check_logits, log)
+
+
+def from_pretrained(auto_class, path: str, **kwargs) -> nn.Module:
+    """`auto_class.from_pretrained`: the one call that loads a model's weights (tests watch
+    what reaches it)."""
+    return auto_class.from_pretrained(path, **kwargs)
+
+
+def _check_quantization(
+    source: ModelSource,
+    kwargs: dict,
+    quantization: str,
+    device: str | None,
+    log: Callable[[str], None] | None,
+) -> None:
+    """Refuse what cannot be quantized (a GGUF file, an already-quantized checkpoint) and a
+    machine where bitsandbytes cannot run; tell `log` how a quantized checkpoint loads."""
+    from transformers import AutoConfig
+
+    stored = None
+    if not source.gguf_file:
+        config = _loading(source, lambda: AutoConfig.from_pretrained(source.path, **kwargs))
+        stored = checkpoint_quantization(config)
+    if quantization == "none":
+        if stored is not None and log is not None:
+            log(
+                f"the checkpoint is stored quantized ({stored}): searching on it as "
+                "transformers loads it; the export edits the checkpoint's own tensors"
+            )
+        return
+    if source.gguf_file:
+        raise ModelLoadError(
+            f"quantization = {quantization!r} does not apply to a GGUF file ({source.description}"
+            " is loaded dequantized): set quantization = 'none'."
+        )
+    if stored is not None:
+        raise ModelLoadError(
+            f"{source.description} is already quantized ({stored}), so it cannot be loaded with "
+            f"quantization = {quantization!r}: set quantization = 'none' to search on it as it is."
+        )
+    check_bnb_backend(quantization, _backend_device(device))
+    if log is not None:
+        log(f"loading the weights quantized: {QUANTIZATION_NAMES[quantization]}")
 
 
 def _first_finite(
@@ -171,8 +232,29 @@ def _processor(source: ModelSource, kwargs: dict):
         return None
 
 
-def _device_map(device_map: str) -> str | None:
-    if device_map == "auto" and not torch.cuda.is_available():
+def _check_not_on_disk(model: nn.Module, source: ModelSource) -> None:
+    """accelerate offloads what fits on no device to disk (weights left on the meta device),
+    which heretic does not support: every pass would read them back."""
+    on_disk = sum(p.numel() * p.element_size() for p in model.parameters() if p.is_meta)
+    if on_disk:
+        raise ModelLoadError(
+            f"{source.description} does not fit in the memory max_memory allows: "
+            f"{on_disk / 2**30:.2f} GB of it would be offloaded to disk, which heretic does not "
+            "support. Raise the caps (cpu=... for CPU memory) or use quantization = 'bnb_4bit'."
+        )
+
+
+def _backend_device(device: str | None) -> str:
+    """The device the quantized layers will run on, for bitsandbytes' backend check."""
+    if device is None or device == "cpu" or not torch.cuda.is_available():
+        return "cpu"
+    return device if device.startswith("cuda") else "cuda"
+
+
+def _device_map(device_map: str, max_memory: dict | None = None) -> str | None:
+    """ "auto" without a GPU loads plainly on the CPU, unless max_memory asks accelerate to
+    place the model (it then honours the CPU's cap too)."""
+    if device_map == "auto" and not torch.cuda.is_available() and max_memory is None:
         return None
     return device_map
 

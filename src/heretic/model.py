@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 
@@ -23,6 +23,7 @@ from heretic.coverage import check_coverage
 from heretic.decoding import Decoding
 from heretic.discovery import find_decoder_layers, find_sites
 from heretic.errors import ModelLoadError
+from heretic.layer_outputs import LayerOutputs
 from heretic.reasoning import Reasoning, ResponseReader, mentions_thinking, open_block
 from heretic.sites import COMPONENTS, EditSite
 
@@ -78,37 +79,6 @@ def _resolve_dtype(name: str) -> torch.dtype | str:
 
 def _module_output(output: object) -> torch.Tensor:
     return output[0] if isinstance(output, tuple) else output  # type: ignore[return-value]
-
-
-@dataclass
-class LayerOutputs:
-    """Outputs of a few decoder layers ("checkpoints"), per batch, from one pass over fixed
-    prompts. A trial's edit changes nothing below its first edited layer, so a later pass over
-    the same batches can start from the nearest checkpoint below it instead of layer 0: the
-    same numbers, bit for bit, for less compute (the evaluator checks this on the model before
-    relying on it)."""
-
-    layers: list[int]
-    batches: list[dict[int, torch.Tensor]] = field(default_factory=list)
-    tuple_output: int = 0  # the length of a layer's tuple output, 0 for a tensor
-
-    @classmethod
-    def evenly_spaced(cls, n_layers: int, n_checkpoints: int) -> LayerOutputs:
-        """`n_checkpoints` layers spread over 0..n_layers-2 (the last layer is never skipped)."""
-        n = max(0, min(n_checkpoints, n_layers - 1))
-        if n == 0:
-            return cls([])
-        step = (n_layers - 1) / n
-        return cls(sorted({int(round(step * (k + 1))) - 1 for k in range(n)}))
-
-    def checkpoint_below(self, layer: int) -> int:
-        """The highest checkpoint strictly below `layer`, or -1 (start from the embeddings)."""
-        below = [i for i in self.layers if i < layer]
-        return max(below) if below else -1
-
-    @property
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for b in self.batches for t in b.values())
 
 
 class Model:
@@ -192,8 +162,21 @@ class Model:
         """Size of the model's parameters in memory."""
         return sum(p.numel() * p.element_size() for p in self.model.parameters())
 
+    @property
+    def quantization(self) -> list[str]:
+        """How the edit sites' weights are stored when not in plain floats (a model loaded in
+        4/8 bits, an FP8 checkpoint as loaded on a GPU); empty for a plain model."""
+        return sorted({f for site in self.sites for f in site.quantization})
+
     def compile(self) -> None:
-        """torch.compile the forward pass (dynamic shapes: batches and lengths vary)."""
+        """torch.compile the forward pass (dynamic shapes: batches and lengths vary); refused
+        for a quantized model (compiling through bitsandbytes' kernels is unsupported here,
+        and --compile needs an in-place reset strategy, which quantized weights rule out)."""
+        if self.quantization:
+            raise ModelLoadError(
+                f"--compile is not supported on a quantized model ({', '.join(self.quantization)}"
+                "): drop --compile."
+            )
         self.model.forward = torch.compile(self.model.forward, dynamic=True)
 
     def greedy(self, max_new_tokens: int, **inputs):
@@ -397,7 +380,7 @@ class Model:
         def make_hook(i: int):
             def hook(_module, _inputs, output):
                 record.tuple_output = len(output) if isinstance(output, tuple) else 0
-                batch_outputs[i] = _module_output(output).detach().clone()
+                batch_outputs[i] = record.keep(i, _module_output(output))
 
             return hook
 
@@ -413,7 +396,7 @@ class Model:
     def _replaying(self, resume: LayerOutputs, batch_index: int, upto: int) -> Iterator[None]:
         """Layers 0..upto-1 pass their input through untouched (nothing reads it: the next
         layer is skipped too); layer `upto` returns its stored output for this batch."""
-        stored = resume.batches[batch_index][upto]
+        stored = resume.stored(batch_index, upto)
         # A layer returning a tuple (hidden states, attention weights, ...) gets the same arity;
         # the extras are None, as they are without output_attentions.
         extras = (None,) * max(int(resume.tuple_output) - 1, 0)
@@ -523,27 +506,47 @@ class Model:
         while not decoding.done:
             decoding.step()
 
-    def find_batch_size(self, prompts: Sequence[str], max_batch_size: int) -> int:
-        """The batch size with the best generation throughput that fits in memory."""
+    def find_batch_size(
+        self, prompts: Sequence[str], max_batch_size: int, reserve_bytes: int = 0
+    ) -> int:
+        """The batch size with the best generation throughput that fits in memory, with
+        `reserve_bytes` of the model's accelerator held back meanwhile (what the search will
+        keep there besides the batches: the stored layer outputs)."""
         best_size, best_rate = 1, 0.0
         size = min(8, max_batch_size)
-        while size <= max_batch_size:
-            sample = [prompts[i % len(prompts)] for i in range(size)]
-            try:
-                self._short_pass(sample[: min(4, size)], 2)  # warm-up
-                start = time.perf_counter()
-                self._short_pass(sample, 8)
-                rate = size / (time.perf_counter() - start)
-            except torch.OutOfMemoryError:
-                break
-            finally:
-                if torch.cuda.is_available():
-                    torch.cuda.empty_cache()
-            if rate < best_rate * 1.05:
-                break
-            best_size, best_rate = size, max(rate, best_rate)
-            size *= 2
+        with self._reserved(reserve_bytes):
+            while size <= max_batch_size:
+                rate = self._throughput([prompts[i % len(prompts)] for i in range(size)])
+                if rate is None or rate < best_rate * 1.05:
+                    break
+                best_size, best_rate = size, max(rate, best_rate)
+                size *= 2
         return best_size
+
+    def _throughput(self, sample: list[str]) -> float | None:
+        """Prompts per second of a short greedy pass over `sample`; None when out of memory."""
+        try:
+            self._short_pass(sample[: min(4, len(sample))], 2)  # warm-up
+            start = time.perf_counter()
+            self._short_pass(sample, 8)
+            return len(sample) / (time.perf_counter() - start)
+        except torch.OutOfMemoryError:
+            return None
+        finally:
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+
+    @contextlib.contextmanager
+    def _reserved(self, n_bytes: int) -> Iterator[None]:
+        """Hold `n_bytes` of the model's accelerator (nothing on a CPU, whose memory the
+        batch size search does not probe)."""
+        held = None
+        if n_bytes > 0 and self.device.type != "cpu":
+            held = torch.empty(n_bytes, dtype=torch.uint8, device=self.device)
+        try:
+            yield
+        finally:
+            del held
 
 
 @contextlib.contextmanager

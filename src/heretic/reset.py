@@ -27,6 +27,7 @@ from torch import nn
 from heretic.abliteration import check_trial_directions
 from heretic.edit import EditHooks, TrialEdit, edited_tensor
 from heretic.errors import HereticError
+from heretic.quantization import refuse_in_place
 from heretic.sites import EditSite
 
 RESET_STRATEGIES = ("adapter", "cache", "reload")
@@ -241,9 +242,16 @@ def make_edit(
     row_normalization: str = "none",
     readouts: torch.Tensor | None = None,
 ):
-    """The edit switch for `strategy` (one of RESET_STRATEGIES)."""
+    """The edit switch for `strategy` (one of RESET_STRATEGIES); the in-place strategies
+    refuse a model whose edit sites are quantized."""
     if strategy == "adapter":
         return EditHooks(sites, directions, row_normalization, readouts)
+    if strategy in ("cache", "reload"):
+        refuse_in_place(
+            sorted({f for site in sites for f in site.quantization}),
+            f"--reset-strategy {strategy}",
+            "use --reset-strategy adapter (hooks, the weights are never touched)",
+        )
     if strategy == "cache":
         return CachedEdit(sites, directions, model_bytes, log, row_normalization, readouts)
     if strategy == "reload":

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import time
 
+import torch
 from rich.console import Console
 from rich.markup import escape
 
@@ -29,6 +30,7 @@ from heretic.optimization import (
     pareto_front,
     run_search,
 )
+from heretic.placement import free_accelerator_bytes, layer_outputs_device
 from heretic.progress import step_progress, tracked
 from heretic.report import describe_trial
 from heretic.workers import (
@@ -70,8 +72,33 @@ def layer_skip_budget(model_bytes: int) -> int:
     return min(2 * 2**30, max(256 * 2**20, model_bytes // 20))
 
 
+def layer_skip_bytes(settings: Settings, model: Model) -> int:
+    """The stored layer outputs' budget for this run (0: no layer skipping)."""
+    # torch.compile would recompile for the replayed layers: no skipping with it.
+    if not settings.skip_unedited_layers or settings.compile:
+        return 0
+    return layer_skip_budget(model.nbytes)
+
+
+def layer_outputs_store(settings: Settings, model: Model) -> torch.device | None:
+    """Where the stored layer outputs will live (see `placement.layer_outputs_device`; None:
+    with each layer); decided once, before the batch size, which must leave room for them on
+    an accelerator."""
+    return layer_outputs_device(
+        settings.layer_outputs_device,
+        model.device,
+        layer_skip_bytes(settings, model),
+        free_accelerator_bytes(model.device),
+    )
+
+
 def score_original(
-    settings: Settings, model: Model, prompts: dict, batch_size: int, console: Console
+    settings: Settings,
+    model: Model,
+    prompts: dict,
+    batch_size: int,
+    console: Console,
+    store: torch.device | None = None,
 ) -> Evaluator:
     """The original model's responses, refusals and first-token log-probs, which every trial
     is compared with; with the adaptive judge, the judge learned from them."""
@@ -88,12 +115,10 @@ def score_original(
             settings.max_response_length,
             batch_size,
             screening_tokens=settings.screening_tokens if settings.prune_dominated_trials else 0,
-            # torch.compile would recompile for the replayed layers: no skipping with it.
-            layer_skip_bytes=layer_skip_budget(model.nbytes)
-            if settings.skip_unedited_layers and not settings.compile
-            else 0,
+            layer_skip_bytes=layer_skip_bytes(settings, model),
             log=lambda line: console.print(f"  {line}", highlight=False),
             progress=lambda n: progress.advance(scoring, n),
+            layer_outputs_store=store,
         )
     n_bad = len(evaluator.bad_prompts)
     if settings.refusal_judge == "adaptive":

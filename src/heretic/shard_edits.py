@@ -17,7 +17,7 @@ model instead and no edited tensor is ever left out silently.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -25,15 +25,16 @@ import torch
 from heretic.abliteration import RowEdit
 from heretic.edit import TrialEdit, edited_tensor
 from heretic.shard_export import (
+    EDITABLE_DTYPES,
     Checkpoint,
     ShardExportUnsupported,
     TensorEdit,
     check_edits,
     local_checkpoint_folder,
     read_checkpoint,
-    stored_tensor,
 )
 from heretic.sites import EditSite, WriterTensor
+from heretic.stored_weights import StoredWeights, quantized_edits
 
 
 @dataclass(eq=False)
@@ -188,8 +189,48 @@ def plan_shard_export(
     is written: `ShardExportUnsupported` means "save the loaded model instead", any other
     `ExportError` a broken source checkpoint."""
     checkpoint = read_checkpoint(local_checkpoint_folder(source_path))
-    shards = {t.name: s.path for s in checkpoint.shards for t in s.tensors}
+    weights = StoredWeights.of(checkpoint)
     shapes = {name: entry.shape for name, entry in checkpoint.entries().items()}
-    edits = checkpoint_edits(sites, edit, shapes, lambda name: stored_tensor(shards[name], name))
+    edits = quantized_edits(checkpoint_edits(sites, edit, shapes, weights.read), weights)
     check_edits(checkpoint, edits)
     return checkpoint, edits
+
+
+def stored_sites(
+    source_path: str, sites: Sequence[EditSite], edit: TrialEdit
+) -> Iterator[EditSite]:
+    """The sites the edit changes, each with its tensors read from the source checkpoint as
+    floats (FP8 dequantized), one site at a time when iterated: what the adapter export of a
+    model searched in 4/8 bits reads, so that the adapter fits the full-precision weights it
+    will be applied to. Every tensor is located (and its format checked) up front:
+    `ShardExportUnsupported` where one has no usable counterpart in the checkpoint."""
+    checkpoint = read_checkpoint(local_checkpoint_folder(source_path))
+    weights = StoredWeights.of(checkpoint)
+    shapes = {name: entry.shape for name, entry in checkpoint.entries().items()}
+    plan = []
+    for site in sites:
+        if edit.weight(site) != 0.0:
+            names = [_single_name(t, shapes) for t in site.tensors()]
+            for name in names:
+                if weights.dtype(name) not in EDITABLE_DTYPES:
+                    weights.fp8_scale(name)
+            plan.append((site, names))
+    return (_with_stored(site, names, weights) for site, names in plan)
+
+
+def _with_stored(site: EditSite, names: list[str], weights: StoredWeights) -> EditSite:
+    stored = [
+        replace(t, param=weights.read(name), owner=None)
+        for t, name in zip(site.tensors(), names, strict=True)
+    ]
+    n = len(site.weights)
+    return replace(site, weights=stored[:n], biases=stored[n:])
+
+
+def _single_name(tensor: WriterTensor, checkpoint: Mapping[str, tuple[int, ...]]) -> str:
+    names = _checkpoint_names(tensor, checkpoint)
+    if len(names) != 1:
+        raise ShardExportUnsupported(
+            f"{tensor.name} is stored as separate experts, which an adapter cannot target."
+        )
+    return names[0]

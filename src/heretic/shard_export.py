@@ -13,6 +13,12 @@ This module knows nothing about directions: an edit is a plain
 `{checkpoint tensor name: Callable[[stored tensor], edited float32 tensor]}` mapping
 (`shard_edits.py` builds it from a trial). Every written shard is checked (header, shapes,
 dtypes, finite values) before the output folder is renamed into place.
+
+Quantized checkpoints (FP8 with block scales): an edit with an `output_dtype` ("BF16") writes
+its tensor in that dtype instead of the stored one, and `DROP` leaves a tensor out (its scales,
+which no longer apply). A shard with such changes gets a new header; the module of every
+tensor written out of its stored 8-bit float dtype is listed in config.json's
+`quantization_config.modules_to_not_convert`, so transformers loads it as a plain layer.
 """
 
 from __future__ import annotations
@@ -31,6 +37,19 @@ from heretic.atomic import staged_folder
 from heretic.errors import ExportError
 
 TensorEdit = Callable[[torch.Tensor], torch.Tensor]
+
+
+class _Drop:
+    """The edit that leaves a tensor out of the output."""
+
+    def __call__(self, stored: torch.Tensor) -> torch.Tensor:
+        raise ExportError("A dropped tensor is never written.")
+
+    def __repr__(self) -> str:
+        return "DROP"
+
+
+DROP = _Drop()
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -224,8 +243,14 @@ def local_checkpoint_folder(path: str) -> Path:
         raise ShardExportUnsupported(f"{path} is not in the local hub cache ({e}).") from e
 
 
+def output_dtype(edit: TensorEdit, stored: str) -> str:
+    """The dtype an edited tensor is written in: the edit's `output_dtype`, else the stored."""
+    return getattr(edit, "output_dtype", None) or stored
+
+
 def check_edits(checkpoint: Checkpoint, edits: Mapping[str, TensorEdit]) -> None:
-    """Every edit names a tensor of the checkpoint stored in a float dtype it can write back."""
+    """Every edit names a tensor of the checkpoint and writes it in a float dtype (its stored
+    one, or the edit's `output_dtype`)."""
     entries = checkpoint.entries()
     missing = sorted(set(edits) - set(entries))
     if missing:
@@ -234,8 +259,10 @@ def check_edits(checkpoint: Checkpoint, edits: Mapping[str, TensorEdit]) -> None
             + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
             + "."
         )
-    for name in edits:
-        if entries[name].dtype not in EDITABLE_DTYPES:
+    for name, edit in edits.items():
+        if edit is DROP:
+            continue
+        if output_dtype(edit, entries[name].dtype) not in EDITABLE_DTYPES:
             raise ShardExportUnsupported(
                 f"Tensor {name} is stored as {entries[name].dtype}, which the shard export "
                 "cannot write an edit back into."
@@ -269,35 +296,78 @@ def write_edited_checkpoint(
     shard, each verified after writing, then the index and the source's other files."""
     check_edits(checkpoint, edits)
     report = ExportReport()
+    layouts = []
     for number, shard in enumerate(checkpoint.shards, 1):
         out = folder / shard.path.name
-        edited = _write_shard(shard, edits, out)
-        verify_shard(shard, out, edited)
+        layout = output_layout(shard, edits)
+        edited = _write_shard(shard, layout, edits, out)
+        verify_shard(shard, out, edited, layout)
+        layouts.append(layout)
         report.edited.extend(edited)
-        report.copied += len(shard.tensors) - len(edited)
+        report.copied += len(layout.tensors) - len(edited)
         report.shards += 1
         report.nbytes += out.stat().st_size
         if progress is not None:
             progress(f"shard {number}/{len(checkpoint.shards)} written: {out.name}")
-    unwritten = sorted(set(edits) - set(report.edited))
+    dropped = {name for name, edit in edits.items() if edit is DROP}
+    unwritten = sorted(set(edits) - set(report.edited) - dropped)
     if unwritten:  # check_edits makes this impossible; an export must never skip an edit
         raise ExportError(f"Edited tensors were not written: {', '.join(unwritten)}.")
     if checkpoint.index is not None:
-        _write_index(checkpoint, folder / INDEX_FILE)
+        _write_index(checkpoint, layouts, folder / INDEX_FILE)
     report.files_copied, report.files_left_out = copy_side_files(checkpoint, folder, set(edits))
+    _mark_unquantized(folder, unquantized_modules(checkpoint, edits))
     return report
 
 
-def _write_shard(shard: Shard, edits: Mapping[str, TensorEdit], out: Path) -> list[str]:
+def output_layout(shard: Shard, edits: Mapping[str, TensorEdit]) -> Shard:
+    """The output shard's header and tensors: the source's, verbatim, unless an edit changes a
+    tensor's dtype or drops one; then a new header (the source's metadata kept) with the
+    tensors in the source's order, packed."""
+    changed = [
+        t
+        for t in shard.tensors
+        if t.name in edits
+        and (edits[t.name] is DROP or output_dtype(edits[t.name], t.dtype) != t.dtype)
+    ]
+    if not changed:
+        return shard
+    raw = json.loads(shard.header[8:])
+    header: dict = {"__metadata__": raw["__metadata__"]} if "__metadata__" in raw else {}
+    tensors, position = [], 0
+    for t in shard.tensors:
+        edit = edits.get(t.name)
+        if edit is DROP:
+            continue
+        dtype = t.dtype if edit is None else output_dtype(edit, t.dtype)
+        size = t.nbytes if dtype == t.dtype else math.prod(t.shape) * ITEM_SIZES[dtype]
+        tensors.append(TensorEntry(t.name, dtype, t.shape, position, position + size))
+        header[t.name] = {
+            "dtype": dtype,
+            "shape": list(t.shape),
+            "data_offsets": [position, position + size],
+        }
+        position += size
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)  # the data section starts 8-byte aligned, as safetensors writes
+    return Shard(shard.path, struct.pack("<Q", len(text)) + text, tuple(tensors))
+
+
+def _write_shard(
+    shard: Shard, layout: Shard, edits: Mapping[str, TensorEdit], out: Path
+) -> list[str]:
+    """Write `layout` (the output header and tensors) from `shard`; returns the edited names."""
     edited: list[str] = []
     offset = len(shard.header)
+    source = {t.name: t for t in shard.tensors}
     buffer = memoryview(bytearray(CHUNK_BYTES))
     with open(shard.path, "rb") as src, open(out, "wb") as dst:
-        dst.write(shard.header)
-        for entry in shard.tensors:
+        dst.write(layout.header)
+        for entry in layout.tensors:
             edit = edits.get(entry.name)
             if edit is None:
-                _copy_range(src, dst, offset + entry.start, entry.nbytes, buffer)
+                original = source[entry.name]
+                _copy_range(src, dst, offset + original.start, original.nbytes, buffer)
                 continue
             dst.write(_edited_bytes(entry, stored_tensor(shard.path, entry.name), edit))
             edited.append(entry.name)
@@ -341,24 +411,59 @@ def _edited_bytes(entry: TensorEntry, original: torch.Tensor, edit: TensorEdit) 
     return data
 
 
-def _write_index(checkpoint: Checkpoint, path: Path) -> None:
+def _write_index(checkpoint: Checkpoint, layouts: list[Shard], path: Path) -> None:
     index = dict(checkpoint.index or {})
     metadata = dict(index.get("metadata") or {})
-    metadata["total_size"] = sum(s.data_size for s in checkpoint.shards)
+    metadata["total_size"] = sum(s.data_size for s in layouts)
     index["metadata"] = metadata
+    kept = {t.name for s in layouts for t in s.tensors}
+    index["weight_map"] = {k: v for k, v in index.get("weight_map", {}).items() if k in kept}
     path.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
+def unquantized_modules(checkpoint: Checkpoint, edits: Mapping[str, TensorEdit]) -> list[str]:
+    """Modules whose weight is written out of its stored 8-bit float dtype (FP8 -> bf16)."""
+    entries = checkpoint.entries()
+    return sorted(
+        name.removesuffix(".weight")
+        for name, edit in edits.items()
+        if edit is not DROP
+        and entries[name].dtype in ("F8_E4M3", "F8_E5M2")
+        and output_dtype(edit, entries[name].dtype) != entries[name].dtype
+    )
+
+
+def _mark_unquantized(folder: Path, modules: list[str]) -> None:
+    """List `modules` in the copied config.json's quantization_config.modules_to_not_convert,
+    so transformers loads them as plain layers (their weights are no longer FP8)."""
+    if not modules:
+        return
+    path = folder / "config.json"
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+        quant = config["quantization_config"]
+    except (OSError, ValueError, KeyError) as e:
+        raise ExportError(
+            f"The source's config.json has no quantization_config to mark the edited layers "
+            f"unquantized in ({e}): the output would not load."
+        ) from e
+    listed = list(quant.get("modules_to_not_convert") or [])
+    quant["modules_to_not_convert"] = listed + [m for m in modules if m not in listed]
+    path.write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
 
 
 # ----- verification ----------------------------------------------------------------------------
 
 
-def verify_shard(source: Shard, out: Path, edited: list[str]) -> None:
-    """The written shard as safetensors reads it: the source's tensors, shapes and dtypes, and
-    finite values wherever the source's are (read back in chunks, never whole)."""
+def verify_shard(source: Shard, out: Path, edited: list[str], layout: Shard | None = None) -> None:
+    """The written shard as safetensors reads it: the planned `layout` (default: the source's
+    tensors, shapes and dtypes), and finite values wherever the source's are (read back in
+    chunks, never whole)."""
     written = read_shard(out)
-    if written.tensors != source.tensors:
-        raise ExportError(f"Written shard {out.name} does not match its source's layout.")
+    if written.tensors != (layout or source).tensors:
+        raise ExportError(f"Written shard {out.name} does not match its planned layout.")
     edited_names = set(edited)
+    sources = {t.name: t for t in source.tensors}
     buffer = bytearray(CHUNK_BYTES)
     with open(out, "rb") as f:
         for entry in written.tensors:
@@ -367,7 +472,7 @@ def verify_shard(source: Shard, out: Path, edited: list[str]) -> None:
             if entry.name in edited_names:
                 raise ExportError(f"Written tensor {entry.name} has NaN or inf values.")
             with open(source.path, "rb") as original:
-                if _finite(original, len(source.header), entry, buffer):
+                if _finite(original, len(source.header), sources[entry.name], buffer):
                     raise ExportError(
                         f"Written tensor {entry.name} has NaN or inf values its source lacks: "
                         "the output is corrupt (disk or memory error?)."

@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from heretic.quantization import float_weight, quantized_formats, tensor_format
+
 # Component names used everywhere (parameters, metadata, warm-start profiles): the token mixer
 # and the channel mixer of a layer.
 ATTN = "attn.o_proj"
@@ -29,13 +31,25 @@ class WriterTensor:
     """A parameter that an edit of its site changes, with its residual (output) axis.
 
     `expert_axis` is set for fused expert tensors (E, out, in) / (E, in, out) and their
-    per-expert biases (E, out).
+    per-expert biases (E, out). `owner` is the module holding it, which a quantized weight
+    needs to be read (FP8 block scales live on the module).
     """
 
     name: str
-    param: nn.Parameter
+    param: nn.Parameter | torch.Tensor
     out_axis: int
     expert_axis: int | None = None
+    owner: nn.Module | None = None
+
+    def value(self) -> torch.Tensor:
+        """The tensor's values as floats: dequantized when it is stored quantized (a model
+        loaded in 4/8 bits), else the parameter itself (detached)."""
+        return float_weight(self.param, self.owner)
+
+    @property
+    def quantization(self) -> str | None:
+        """How it is stored when not in plain floats ("bitsandbytes 4-bit", ...), else None."""
+        return tensor_format(self.param, self.owner)
 
 
 @dataclass(eq=False)
@@ -76,6 +90,11 @@ class EditSite:
 
     def tensors(self) -> list[WriterTensor]:
         return [*self.weights, *self.biases]
+
+    @property
+    def quantization(self) -> list[str]:
+        """The quantized formats of its tensors (empty when every one is plain floats)."""
+        return quantized_formats((t.param, t.owner) for t in self.tensors())
 
     def describe(self) -> str:
         return f"{self.name} ({type(self.module).__name__}, {COMPONENT_ROLES[self.component]})"
