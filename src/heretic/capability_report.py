@@ -16,8 +16,9 @@ from rich.table import Table
 from heretic.capability import Comparison, MetricRow
 
 
-def _with_error(value: float, stderr: float | None) -> str:
-    return f"{value:.3f}" if stderr is None else f"{value:.3f} ± {stderr:.3f}"
+def _with_error(value: float, stderr: float | None, signed: bool = False) -> str:
+    text = f"{value:+.3f}" if signed else f"{value:.3f}"
+    return text if stderr is None else f"{text}±{stderr:.3f}"
 
 
 def difference(original: MetricRow, edited: MetricRow | None) -> tuple[float, float | None]:
@@ -30,26 +31,17 @@ def difference(original: MetricRow, edited: MetricRow | None) -> tuple[float, fl
 
 def comparison_table(comparison: Comparison, title: str) -> Table:
     table = Table(title=title)
-    for name, justify in (
-        ("task", "left"),
-        ("metric", "left"),
-        ("n", "right"),
-        ("original", "right"),
-        ("edited", "right"),
-        ("difference", "right"),
-    ):
-        table.add_column(name, justify=justify)  # type: ignore[arg-type]
+    table.add_column("task / metric", overflow="fold")
+    for name in ("n", "original", "edited", "difference"):  # figures are never wrapped
+        table.add_column(name, justify="right", no_wrap=True)
     for original, edited in comparison.pairs():
         change, error = difference(original, edited)
         table.add_row(
-            original.task,
-            original.metric,
+            f"{original.task}\n  {original.metric}",
             "" if original.n is None else str(original.n),
             _with_error(original.value, original.stderr),
             "missing" if edited is None else _with_error(edited.value, edited.stderr),
-            ""
-            if edited is None
-            else f"{change:+.3f}" + ("" if error is None else f" ± {error:.3f}"),
+            "" if edited is None else _with_error(change, error, signed=True),
         )
     table.caption = (
         f"lm-evaluation-harness {comparison.lm_eval_version}, {_options_text(comparison)}; "
@@ -135,7 +127,7 @@ def card_section(record: Mapping[str, Any] | None) -> str:
         f"memory ({record['description']}); ± is the standard error lm-eval reports.",
         "",
     ]
-    return "\n".join(lines)
+    return "\n".join(lines) + "\n"
 
 
 def merge_records(old: Mapping[str, Any] | None, new: dict[str, Any]) -> dict[str, Any]:

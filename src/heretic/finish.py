@@ -490,7 +490,8 @@ class Finisher:
             )
             write_text(folder / "README.md", card, "the model card")
         write_json(metadata, self.settings.output_dir / "heretic_metadata.json")
-        self.console.print(f"  results added to {', '.join(str(f) for f in self._cards)} cards")
+        where = ", ".join(str(f / "README.md") for f in self._cards)
+        self.console.print(f"  results added to heretic_metadata.json and {where}")
 
     # ----- headless ----------------------------------------------------------------------
 
