@@ -171,7 +171,8 @@ def test_too_few_prompts_for_the_split(env, capsys):
 
 
 def test_evaluation_prompts_overlapping_direction_prompts_warn(env, capsys):
-    args = argv(env, "--n-trials", "1", "--select", "none")
+    # No confirmation: it would need held-out prompts that no other set holds (its own error).
+    args = argv(env, "--n-trials", "1", "--select", "none", "--no-confirm")
     args[args.index("--good-evaluation-prompts.split") + 1] = "[8:16]"
     cli.main(args)  # a warning, not an error: the run completes
     err = " ".join(capsys.readouterr().err.split())

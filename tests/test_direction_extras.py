@@ -300,6 +300,8 @@ def test_pipeline_saves_and_reuses_extras(tiny_chat_model, tmp_path, monkeypatch
             "select": "none",
             "orthogonalize_good_mean": False,
             "readout": "direction",
+            # The helpful prompts share the good file: nothing could be held out.
+            "confirm": False,
         }
         return load_settings(
             [],
