@@ -24,7 +24,13 @@ from rich.markup import escape
 
 from heretic.abliteration import edit_from_params
 from heretic.evaluation import kl_divergence
-from heretic.figures import figure_rows, front_table, held_out_note, perplexity_line, rich_table
+from heretic.figures import (
+    figure_rows,
+    held_out_front_table,
+    held_out_note,
+    perplexity_line,
+    rich_table,
+)
 from heretic.holdout import AfterSearchSets
 from heretic.judges import Judge, MarkerJudge, describe_judge
 from heretic.optimization import Objectives, best_trial, objectives, params_from_trial
@@ -407,7 +413,7 @@ def print_front(
             f"[bold]Held-out confirmation[/]: the original model and {len(front)} front points"
         )
     confirmation.confirm(front)
-    console.print(front_table(front, confirmation, n_bad))
+    console.print(held_out_front_table(front, confirmation, n_bad))
 
 
 def print_report(console: Console, metadata: dict, trial_number: int) -> None:

@@ -128,7 +128,7 @@ def rich_table(rows: Sequence[Row], title: str) -> Table:
     return table
 
 
-def front_table(front: Sequence[FrozenTrial], confirmation, n_bad: int) -> Table:
+def held_out_front_table(front: Sequence[FrozenTrial], confirmation, n_bad: int) -> Table:
     """Every confirmed front point: the search's figures beside the held-out ones."""
     base = confirmation.base
     sets = confirmation.sets
