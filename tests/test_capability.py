@@ -14,6 +14,7 @@ import optuna
 import pytest
 import torch
 from rich.console import Console
+from tiny_models import add_range_trial
 
 import heretic.capability as capability
 from heretic.capability import (
@@ -32,8 +33,6 @@ from heretic.edit import EditHooks
 from heretic.finish import Finisher
 from heretic.loading import load_model
 from heretic.menu import BACK, BENCHMARK, QUIT, SAVE, ScriptedAsker, run_menu
-from heretic.optimization import KL_ATTR, REFUSALS_ATTR
-from heretic.sites import COMPONENTS
 
 FACTS = "heretic_facts"
 
@@ -43,20 +42,7 @@ def _console() -> Console:
 
 
 def _add_trial(study: optuna.Study, weight: float) -> None:
-    dist = optuna.distributions.FloatDistribution(0.0, 3.0)
-    unit = optuna.distributions.FloatDistribution(0.0, 1.0)
-    params, dists = {}, {}
-    for c in COMPONENTS:
-        params |= {f"{c}.layer_min": 0.0, f"{c}.layer_span": 1.0, f"{c}.weight": weight}
-        dists |= {f"{c}.layer_min": unit, f"{c}.layer_span": unit, f"{c}.weight": dist}
-    study.add_trial(
-        optuna.trial.create_trial(
-            params=params,
-            distributions=dists,
-            values=[0.1 * weight, 10.0 - weight],
-            user_attrs={KL_ATTR: 0.1 * weight, REFUSALS_ATTR: int(10 - weight)},
-        )
-    )
+    add_range_trial(study, 0.1 * weight, int(10 - weight), weight, max_weight=3.0)
 
 
 class FakeEvaluator:

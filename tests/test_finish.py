@@ -15,6 +15,7 @@ import optuna
 import pytest
 import torch
 from rich.console import Console
+from tiny_models import add_range_trial
 
 from heretic.card import SourceInfo, render_card, reproduce_args, source_info
 from heretic.config import load_settings
@@ -24,7 +25,6 @@ from heretic.finish import Finisher
 from heretic.judges import AdaptiveJudge
 from heretic.loading import load_model
 from heretic.menu import BACK, MORE, QUIT, SAVE, UPLOAD, ScriptedAsker, run_menu
-from heretic.optimization import KL_ATTR, REFUSALS_ATTR
 from heretic.sites import COMPONENTS
 from heretic.upload import upload_folder
 
@@ -42,20 +42,7 @@ class FakeEvaluator:
 
 
 def _add_trial(study: optuna.Study, kl: float, refusals: int, weight: float) -> None:
-    dist = optuna.distributions.FloatDistribution(0.0, 1.5)
-    unit = optuna.distributions.FloatDistribution(0.0, 1.0)
-    params, dists = {}, {}
-    for c in COMPONENTS:
-        params |= {f"{c}.layer_min": 0.0, f"{c}.layer_span": 1.0, f"{c}.weight": weight}
-        dists |= {f"{c}.layer_min": unit, f"{c}.layer_span": unit, f"{c}.weight": dist}
-    study.add_trial(
-        optuna.trial.create_trial(
-            params=params,
-            distributions=dists,
-            values=[kl, float(refusals)],
-            user_attrs={KL_ATTR: kl, REFUSALS_ATTR: refusals},
-        )
-    )
+    add_range_trial(study, kl, refusals, weight, max_weight=1.5)
 
 
 @pytest.fixture

@@ -266,3 +266,27 @@ def sample_edit(n_layers: int = 2, hidden: int = 64, seed: int = 0):
     strengths[COMPONENTS[0]][0] = 1.0
     strengths[COMPONENTS[1]][:] = torch.tensor([0.7, 1.3])[:n_layers]
     return directions, strengths
+
+
+def add_range_trial(study, kl: float, refusals: int, weight: float, max_weight: float) -> None:
+    """A finished trial of the range search space (every component over all layers at
+    `weight`) with the given objectives, for tests that need a study without searching."""
+    import optuna
+
+    from heretic.optimization import KL_ATTR, REFUSALS_ATTR
+    from heretic.sites import COMPONENTS
+
+    dist = optuna.distributions.FloatDistribution(0.0, max_weight)
+    unit = optuna.distributions.FloatDistribution(0.0, 1.0)
+    params, dists = {}, {}
+    for c in COMPONENTS:
+        params |= {f"{c}.layer_min": 0.0, f"{c}.layer_span": 1.0, f"{c}.weight": weight}
+        dists |= {f"{c}.layer_min": unit, f"{c}.layer_span": unit, f"{c}.weight": dist}
+    study.add_trial(
+        optuna.trial.create_trial(
+            params=params,
+            distributions=dists,
+            values=[kl, float(refusals)],
+            user_attrs={KL_ATTR: kl, REFUSALS_ATTR: refusals},
+        )
+    )
