@@ -215,21 +215,39 @@ class Config:
     """'heretic' (this checkout) or 'upstream' (heretic-llm 1.4.0)."""
 
 
+COLD = {"use_warm_start_params": False}
+"""The ablations of one setting run with the warm start off: its profile wins most 10-trial
+searches with the defaults (trial 0), and would hide the setting under test."""
+
 CONFIGS = [
     Config("defaults", "heretic's defaults"),
+    Config("no-warm", "warm start off", COLD),
     Config("direction", "readout = direction", {"readout": "direction"}),
-    Config("no-warm", "warm start off", {"use_warm_start_params": False}),
-    Config("mixed", "directions from AdvBench + tuning prompts", mix="mixed"),
-    Config("mixed-eval", "mixed directions and in-search count", mix="mixed-eval"),
-    Config("ridge-0.1", "readout_ridge = 0.1", {"readout_ridge": 0.1}),
-    Config("ridge-1", "readout_ridge = 1", {"readout_ridge": 1.0}),
-    Config("length-32", "32-token responses in the search", {"max_response_length": 32}),
-    Config("length-160", "160-token responses in the search", {"max_response_length": 160}),
     Config(
-        "direction-no-warm",
-        "readout = direction, warm start off",
-        {"readout": "direction", "use_warm_start_params": False},
-    ),
+        "direction-no-warm", "readout = direction, warm start off", {"readout": "direction", **COLD}
+    ),  # fmt: skip
+    Config("ridge-0.1", "readout_ridge = 0.1, warm start off", {"readout_ridge": 0.1, **COLD}),
+    Config("ridge-1", "readout_ridge = 1, warm start off", {"readout_ridge": 1.0, **COLD}),
+    Config(
+        "length-32",
+        "32-token responses in the search, warm start off",
+        {"max_response_length": 32, **COLD},
+    ),  # fmt: skip
+    Config(
+        "length-160",
+        "160-token responses in the search, warm start off",
+        {"max_response_length": 160, **COLD},
+    ),  # fmt: skip
+    Config("mixed", "directions from AdvBench + tuning prompts", mix="mixed"),
+    Config(
+        "mixed-no-warm",
+        "directions from AdvBench + tuning prompts, warm start off",
+        COLD,
+        mix="mixed",
+    ),  # fmt: skip
+    Config(
+        "mixed-eval", "mixed directions and in-search count, warm start off", COLD, mix="mixed-eval"
+    ),  # fmt: skip
     Config("upstream", "heretic-llm 1.4.0, its defaults", tool="upstream"),
 ]
 
@@ -310,10 +328,15 @@ def search_ours(config: Config, model: Path, n_trials: int, folder: Path, sizes:
 
 def generate_all(model_path: str, sizes: Sizes) -> dict:
     """A saved model's responses to every held-out set (each row decoded to its end) and its
-    first-token log-probs on the unseen harmless prompts, through heretic's loader and decoder."""
+    first-token log-probs on the KL prompts, through heretic's loader and decoder."""
     from heretic.loading import load_model
 
     model = load_model(model_path, device_map="cpu", system_prompt=SYSTEM_PROMPT)
+    return generate_with(model, sizes)
+
+
+def generate_with(model, sizes: Sizes) -> dict:
+    """`generate_all` for a loaded model (with whatever edit is switched on)."""
     responses = {}
     for name, prompts in held_out_prompts(sizes).items():
         start = time.perf_counter()
@@ -415,6 +438,43 @@ def evaluate(model_path: str, folder: Path, sizes: Sizes, base_logprobs) -> dict
         result.update(kl_figures(base_logprobs, harmless_logprobs(model)))
         path.write_text(json.dumps(result))
     return {**result, "responses": capped(result["responses"], sizes)}
+
+
+def evaluate_front(model_path: Path, folder: Path, sizes: Sizes, base_logprobs) -> list[dict]:
+    """Every Pareto-front trial of our search in `folder`, generated with its edit as hooks on
+    the original model, as the search scored it (for the defaults' pick the hooked and the
+    saved model gave the same KL, 0.034), cached per trial."""
+    import optuna
+    from quality import our_edits
+
+    from heretic.loading import load_model
+    from heretic.optimization import objectives, pareto_front
+
+    out = folder / "out"
+    study = optuna.load_study(
+        study_name="heretic", storage=f"sqlite:///{(out / 'study.db').resolve()}"
+    )
+    model, hooks, edit_of, points = None, None, None, []
+    for trial in pareto_front(study):
+        path = folder / f"front-{trial.number}-{sizes.tag()}.json"
+        if not path.exists():
+            if model is None:
+                model = load_model(str(model_path), device_map="cpu", system_prompt=SYSTEM_PROMPT)
+                hooks, edit_of = our_edits(model, out)
+            print(f"  front trial {trial.number} ...", flush=True)
+            hooks.set_strengths(*edit_of(trial.number))
+            generated = generate_with(model, sizes)
+            hooks.clear()
+            result = {"responses": generated["responses"]}
+            result.update(kl_figures(base_logprobs, generated["logprobs"]))
+            path.write_text(json.dumps(result))
+        result = json.loads(path.read_text())
+        kl, refusals = objectives(trial)
+        result.update(trial=trial.number, refusals=refusals, search_kl=kl)
+        points.append({**result, "responses": capped(result["responses"], sizes)})
+    if hooks is not None:
+        hooks.remove()
+    return points
 
 
 # --- upstream ----------------------------------------------------------------------------------
@@ -557,7 +617,9 @@ def row_cells(
         f"{held.get('kl_search', 0.0):.3f}",
         f"{held.get('kl', 0.0):.3f}",
     ]
-    cells.append("-" if search is None else f"{search['seconds'] / 60:.0f}")
+    cells.append(
+        "-" if search is None or "seconds" not in search else f"{search['seconds'] / 60:.0f}"
+    )
     return cells
 
 
@@ -655,6 +717,11 @@ def main() -> None:
         default=None,
         help="at most this many prompts per held-out source (evenly spaced); default all",
     )
+    ap.add_argument(
+        "--fronts",
+        action="store_true",
+        help="also evaluate every Pareto-front trial of our searches (as hooks) and print them",
+    )
     ap.add_argument("--rerun", action="store_true", help="run the named configurations again")
     ap.add_argument("--list", action="store_true", help="print the configurations and stop")
     args = ap.parse_args()
@@ -689,6 +756,21 @@ def main() -> None:
         search, held = run_config(config, model, args, sizes, base["logprobs"])
         rows.append(row_cells(name, search, held, judges, sizes, config.mix))
         print_table(rows, args.n_trials, sizes)
+    if args.fronts:
+        front_rows = [rows[0]]
+        for name in names:
+            config = by_name[name]
+            if config.tool == "upstream":
+                front_rows.append(rows[names.index(name) + 1])
+                continue
+            folder = args.workdir / f"{name}-{args.n_trials}-s{sizes.search}"
+            print(f"[{name}] evaluating every front trial on held-out prompts ...", flush=True)
+            for point in evaluate_front(model, folder, sizes, base["logprobs"]):
+                search = {**point, "kl": point["search_kl"], "n_bad": sizes.search}
+                label = f"{name} #{point['trial']}"
+                front_rows.append(row_cells(label, search, point, judges, sizes, config.mix))
+        print("Pareto fronts (our trials as hooks on the original model):")
+        print_table(front_rows, args.n_trials, sizes)
 
 
 if __name__ == "__main__":
