@@ -420,6 +420,20 @@ class Settings(BaseSettings):
         "and the edited model on perplexity_texts, or by default on the original model's "
         "responses to the held-out good prompts (that default needs confirm).",
     )
+    evaluate_model: str | None = Field(
+        default=None,
+        description="Evaluate this model (a Hugging Face id, a local folder or a .gguf file) "
+        "against its base instead of searching (`heretic evaluate PATH` is the same): refusals "
+        "on the evaluation and held-out prompts by the judge and by plain markers, KL "
+        "divergence, perplexity and benchmarks, for both models. The base is --model, or where "
+        "that is empty the model the evaluated one names (heretic_metadata.json, or base_model "
+        "in its model card).",
+    )
+    evaluation_report: Path | None = Field(
+        default=None,
+        description="JSON report of --evaluate-model (default: "
+        "OUTPUT_DIR/evaluation-NAME.json, NAME from the evaluated model's folder or id).",
+    )
     save: bool = Field(
         default=True,
         description="Headless: save the selected trial to OUTPUT_DIR (--no-save: only report it). "
