@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from heretic.cli import subcommand_argv
 from heretic.config import load_settings
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -71,7 +72,8 @@ def test_heretic_commands_parse(page, tmp_path, monkeypatch):
             monkeypatch.delenv(key)
     for words in commands(page):
         if words[0] == "heretic" and "--help" not in words:
-            load_settings(words[1:])  # SystemExit / SettingsError on a wrong option or value
+            # SystemExit / SettingsError on a wrong option or value
+            load_settings(subcommand_argv(words[1:]))
 
 
 @pytest.mark.parametrize("page", PAGES, ids=page_id)

@@ -467,20 +467,34 @@ class Benchmarks:
     def compare(
         self, model, switch_on: Callable[[], None], switch_off: Callable[[], None]
     ) -> Comparison:
-        """Original (cached) and edited results. The loaded tasks serve both passes: lm-eval
-        builds a task's requests afresh in every pass (checked: a second pass on the same
-        task objects gives what freshly loaded ones give)."""
-        version = lm_eval_version()
-        loaded = load_tasks(self.manager, self.names)
+        """Original (cached) and edited results of one loaded model. The loaded tasks serve
+        both passes: lm-eval builds a task's requests afresh in every pass (checked: a second
+        pass on the same task objects gives what freshly loaded ones give)."""
+        loaded = self.load()
         switch_off()
-        original, cached = self._original(model, loaded, version)
-        self.log(f"edited model: running {', '.join(self.names)}")
+        original, cached = self.original(model, loaded)
         switch_on()
         try:
-            edited = self._run(model, loaded)
+            edited = self.edited(model, loaded)
         finally:
             switch_off()
-        return Comparison(original, edited, self.options, version, cached)
+        return self.comparison(original, edited, cached)
+
+    def load(self) -> dict[str, dict]:
+        """The configured tasks, loaded once for every pass."""
+        return load_tasks(self.manager, self.names)
+
+    def original(self, model, loaded: Mapping[str, Mapping[str, Any]]) -> tuple[Results, list[str]]:
+        """The original model's results, and the tasks read from the cache."""
+        return self._original(model, loaded, lm_eval_version())
+
+    def edited(self, model, loaded: Mapping[str, Mapping[str, Any]]) -> Results:
+        """The edited model's results (never cached: an edit is one trial's)."""
+        self.log(f"edited model: running {', '.join(self.names)}")
+        return self._run(model, loaded)
+
+    def comparison(self, original: Results, edited: Results, cached: list[str]) -> Comparison:
+        return Comparison(original, edited, self.options, lm_eval_version(), cached)
 
     def _original(
         self, model, loaded: Mapping[str, Mapping[str, Any]], version: str

@@ -15,11 +15,11 @@ from rich.markup import escape
 from heretic.checks import overlap_warnings
 from heretic.config import Settings, load_settings
 from heretic.confirmation import choose_best, print_front, print_report, start_confirmation
-from heretic.errors import HereticError
+from heretic.errors import HereticError, SettingsError
 from heretic.extraction import obtain_directions
 from heretic.finish import Finisher
 from heretic.holdout import hold_out, sets_to_load
-from heretic.loading import load_model
+from heretic.loading import load_configured
 from heretic.model import Model
 from heretic.optimization import (
     KL_ATTR,
@@ -97,7 +97,9 @@ def _run(settings: Settings, console: Console) -> RunResult:
         directions,
         model_bytes=model.nbytes,
         read_matrices=lambda: editable_matrices(
-            _load(settings, "cpu", dtype=str(model.dtype).removeprefix("torch.")).sites
+            load_configured(
+                settings, device_map="cpu", dtype=str(model.dtype).removeprefix("torch.")
+            ).sites
         ),
         log=lambda line: console.print(f"  {line}", highlight=False),
         row_normalization=settings.row_normalization,
@@ -153,7 +155,7 @@ def _model(
     """The model to search on, the batch size (found automatically for batch_size 0, leaving
     room for the stored layer outputs) and where those are kept."""
     console.print(f"[bold]Loading model[/] {settings.model}")
-    model = _load(settings, log=lambda line: console.print(f"  {line}", highlight=False))
+    model = load_configured(settings, log=lambda line: console.print(f"  {line}", highlight=False))
     console.print(
         f"  {model.architecture}: {model.n_layers} layers, hidden size "
         f"{model.hidden_size}, {model.dtype} on {model.device}"
@@ -216,26 +218,6 @@ def _finish(settings: Settings, console: Console, finisher: Finisher) -> RunResu
     return result
 
 
-def _load(
-    settings: Settings, device_map: str | None = None, dtype: str | None = None, log=None
-) -> Model:
-    """The model as the settings describe it; with `dtype`, a copy to read weights from (in
-    the dtype the search model runs in, with no logits check)."""
-    return load_model(
-        settings.model,
-        gguf_file=settings.gguf_file,
-        dtype=dtype or settings.dtype,
-        device_map=device_map or settings.device_map,
-        trust_remote_code=settings.trust_remote_code,
-        system_prompt=settings.system_prompt,
-        reasoning=settings.reasoning(),
-        log=log,
-        check_logits=dtype is None,
-        quantization=settings.quantization,
-        max_memory=settings.max_memory_map(),
-    )
-
-
 def _interactive(settings: Settings) -> bool:
     """The menu runs for --select ask on a terminal; anything else is headless."""
     return settings.select == "ask" and sys.stdin.isatty() and sys.stdout.isatty()
@@ -256,11 +238,28 @@ def _choose(
     return trial_by_number(study, int(select))
 
 
+def subcommand_argv(argv: list[str]) -> list[str]:
+    """`heretic evaluate PATH ...` is `heretic --evaluate-model PATH ...`."""
+    if not argv or argv[0] != "evaluate":
+        return argv
+    rest = argv[1:]
+    if rest and not rest[0].startswith("-"):
+        return ["--evaluate-model", rest[0], *rest[1:]]
+    if "--evaluate-model" not in rest and not any(a.startswith("--evaluate-model=") for a in rest):
+        raise SettingsError("heretic evaluate: name the model to evaluate (heretic evaluate PATH).")
+    return rest
+
+
 def main(argv: list[str] | None = None) -> None:
     console = Console(stderr=True)
     try:
-        settings = load_settings(argv)
-        run(settings, console)
+        settings = load_settings(subcommand_argv(list(sys.argv[1:] if argv is None else argv)))
+        if settings.evaluate_model:
+            from heretic.evaluate import evaluate
+
+            evaluate(settings, console)
+        else:
+            run(settings, console)
     except HereticError as e:
         # Messages quote user input such as splits ("[a:b]"): print them as text, not markup.
         console.print(f"[bold red]Error:[/] {escape(str(e))}", highlight=False)

@@ -31,7 +31,7 @@ from heretic.figures import (
     perplexity_line,
     rich_table,
 )
-from heretic.holdout import AfterSearchSets
+from heretic.holdout import AfterSearchSets, HeldOutSet
 from heretic.judges import Judge, MarkerJudge, describe_judge
 from heretic.optimization import Objectives, best_trial, objectives, params_from_trial
 from heretic.perplexity import CrossEntropy, TokenTexts, cross_entropy, plain_texts
@@ -160,20 +160,15 @@ class Confirmation:
         return self._measure(advance)
 
     def _response_texts(self, rows: list) -> TokenTexts | None:
-        contexts, targets = [], []
-        for d, r in rows:
-            if d.tokens[r]:
-                contexts.append(self.model.encode([d.prompt(r)])["input_ids"][0].tolist())
-                targets.append(list(d.tokens[r]))
-        if not targets:
-            self.perplexity_note = "the original model gave only empty responses to score"
-            return None
-        return TokenTexts(
-            contexts,
-            targets,
+        texts = response_texts(
+            self.model,
+            rows,
             f"the original model's greedy responses ({self.response_length} tokens at most) to "
             f"the {len(self._good)} held-out good prompts",
         )
+        if texts is None:
+            self.perplexity_note = "the original model gave only empty responses to score"
+        return texts
 
     def _trial(self, trial: FrozenTrial, advance: Callable[[int], None]) -> HeldOutScore:
         strengths, directions = edit_from_params(params_from_trial(trial), self.hooks.directions)
@@ -208,26 +203,42 @@ class Confirmation:
         return HeldOutScore(refusals, markers, unanswered, kl, ce)
 
     def _decode(self, prompts: list[str], advance: Callable[[int], None]) -> list:
-        """Greedy responses of `response_length` answer tokens, every row run to its end (EOS
-        or the length): no judge is asked, so nothing stops early. `advance` gets response
-        tokens (a row that ends early counts its unused budget when it ends)."""
-        length = self.response_length
-        decodings = []
-        for start in range(0, len(prompts), self.batch_size):
-            batch = prompts[start : start + self.batch_size]
-            decoding = self.model.decoding(batch, length, None, CHECK_EVERY)
-            reported = 0
-            while not decoding.done:
-                decoding.step()
-                done = sum(
-                    length if decoding.final[r] else min(len(decoding.tokens[r]), length)
-                    for r in range(decoding.n_rows)
-                )
-                advance(done - reported)
-                reported = done
-            advance(decoding.n_rows * length - reported)
-            decodings.append(decoding)
-        return decodings
+        return decode_to_end(self.model, prompts, self.response_length, self.batch_size, advance)
+
+
+def decode_to_end(
+    model, prompts: Sequence[str], length: int, batch_size: int, advance: Callable[[int], None]
+) -> list:
+    """Greedy responses of `length` answer tokens, every row run to its end (EOS or the
+    length): no judge is asked, so nothing stops early. `advance` gets response tokens (a row
+    that ends early counts its unused budget when it ends)."""
+    decodings = []
+    for start in range(0, len(prompts), batch_size):
+        decoding = model.decoding(
+            list(prompts[start : start + batch_size]), length, None, CHECK_EVERY
+        )
+        reported = 0
+        while not decoding.done:
+            decoding.step()
+            done = sum(
+                length if decoding.final[r] else min(len(decoding.tokens[r]), length)
+                for r in range(decoding.n_rows)
+            )
+            advance(done - reported)
+            reported = done
+        advance(decoding.n_rows * length - reported)
+        decodings.append(decoding)
+    return decodings
+
+
+def response_texts(model, rows: list, description: str) -> TokenTexts | None:
+    """The (prompt, response) rows of decodings as perplexity texts (None: all empty)."""
+    contexts, targets = [], []
+    for d, r in rows:
+        if d.tokens[r]:
+            contexts.append(model.encode([d.prompt(r)])["input_ids"][0].tolist())
+            targets.append(list(d.tokens[r]))
+    return TokenTexts(contexts, targets, description) if targets else None
 
 
 def held_out_objectives(confirmation: Confirmation, trial: FrozenTrial) -> Objectives:
@@ -258,7 +269,7 @@ def choose_best(
 # ----- what was measured, for the metadata (and from it, the report and the card) -----------
 
 
-def _kl_position(thinks: bool) -> str:
+def kl_position(thinks: bool) -> str:
     return (
         "first answer token (after the original model's chain of thought)"
         if thinks
@@ -266,17 +277,19 @@ def _kl_position(thinks: bool) -> str:
     )
 
 
+def set_source(settings, name: str, held: HeldOutSet | None) -> str:
+    """Where the search's evaluation set `name` came from, less its held-out share."""
+    spec = getattr(settings, name)
+    text = f"{name} (`{spec.dataset}` split `{spec.split}`)"
+    if held is not None and held.split_from == name:
+        text += f" without the {len(held.prompts)} held out"
+    return text
+
+
 def in_search_record(settings, evaluator, trial: FrozenTrial, sets: AfterSearchSets | None) -> dict:
     """The search's figures of `trial`, and how the search measured them."""
     kl, refusals = objectives(trial)
     n_bad, n_good = len(evaluator.bad_prompts), len(evaluator.good_prompts)
-
-    def source(name: str, held) -> str:
-        spec = getattr(settings, name)
-        text = f"{name} (`{spec.dataset}` split `{spec.split}`)"
-        if held is not None and held.split_from == name:
-            text += f" without the {len(held.prompts)} held out"
-        return text
 
     decoding = (
         f"greedy, up to {settings.max_response_length} tokens; a response stops once the judge "
@@ -288,11 +301,11 @@ def in_search_record(settings, evaluator, trial: FrozenTrial, sets: AfterSearchS
         "refusals": refusals,
         "base_refusals": evaluator.base_refusals,
         "n_bad_prompts": n_bad,
-        "bad_prompts": source("bad_evaluation_prompts", sets and sets.bad),
+        "bad_prompts": set_source(settings, "bad_evaluation_prompts", sets and sets.bad),
         "kl_divergence": kl,
         "n_good_prompts": n_good,
-        "good_prompts": source("good_evaluation_prompts", sets and sets.good),
-        "kl_position": _kl_position(getattr(evaluator, "thinks", False)),
+        "good_prompts": set_source(settings, "good_evaluation_prompts", sets and sets.good),
+        "kl_position": kl_position(getattr(evaluator, "thinks", False)),
         "response_tokens": settings.max_response_length,
         "decoding": decoding,
         "judge": describe_judge(evaluator.judge)["judge"],
@@ -328,7 +341,7 @@ def held_out_record(confirmation: Confirmation | None, trial: FrozenTrial, reaso
             "kl_divergence": score.kl_divergence,
             "n_good_prompts": len(sets.good.prompts),
             "good_prompts": sets.good.source,
-            "kl_position": _kl_position(confirmation._thinking is not None),
+            "kl_position": kl_position(confirmation._thinking is not None),
         }
     record["seconds"] = round(confirmation.seconds, 1)
     return record

@@ -278,3 +278,29 @@ def _dequantized_copy(model: nn.Module, dtype: str, device_map: str) -> nn.Modul
     elif device == "auto":
         clean = clean.to("cuda")
     return clean
+
+
+def load_configured(
+    settings,
+    model: str | None = None,
+    *,
+    device_map: str | None = None,
+    dtype: str | None = None,
+    log: Callable[[str], None] | None = None,
+) -> Model:
+    """`settings.model` (or `model`, with no `gguf_file`) loaded as the settings describe it;
+    with `dtype`, a copy to read weights from (in the dtype the search model runs in, with no
+    logits check)."""
+    return load_model(
+        model or settings.model,
+        gguf_file=None if model else settings.gguf_file,
+        dtype=dtype or settings.dtype,
+        device_map=device_map or settings.device_map,
+        trust_remote_code=settings.trust_remote_code,
+        system_prompt=settings.system_prompt,
+        reasoning=settings.reasoning(),
+        log=log,
+        check_logits=dtype is None,
+        quantization=settings.quantization,
+        max_memory=settings.max_memory_map(),
+    )
