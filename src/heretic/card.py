@@ -22,6 +22,14 @@ from heretic.config import Settings
 from heretic.figures import figure_rows, held_out_note, markdown_table, perplexity_line
 
 TAGS = ["heretic", "abliterated", "uncensored"]
+# What each export format is, in the card's list of files.
+FORMAT_TEXT = {
+    "model": "merged weights (safetensors; `AutoModelForCausalLM.from_pretrained`)",
+    "gguf": "a GGUF file for llama.cpp / Ollama: the source file with only the edited "
+    "matrices replaced",
+    "adapter": "a rank-1 PEFT LoRA adapter holding only the edit "
+    "(`PeftModel.from_pretrained(base, path)`)",
+}
 HELD_OUT_TEXT = (
     " The held-out figures come from prompts no part of the search used, measured once after\n"
     "  it, with longer responses decoded to the end."
@@ -224,16 +232,9 @@ def _metrics(metadata: Mapping[str, Any]) -> str:
     return f"{table}\n\n{note}" if note else table
 
 
-def render_card(
-    *,
-    settings: Settings,
-    source: SourceInfo,
-    metadata: Mapping[str, Any],
-    n_layers: int,
-    formats: list[str],
-    adapter: bool = False,
-) -> str:
-    """The README.md text: hub YAML header, then method, parameters, metrics, reproduction."""
+def _hub_header(source: SourceInfo, formats: list[str], adapter: bool) -> str:
+    """The hub's YAML front matter: tags, license and base model, so the hub lists the export
+    under its source model and with the library that loads it."""
     from huggingface_hub import ModelCardData
 
     tags = list(dict.fromkeys([*TAGS, *source.tags, *(["gguf"] if "gguf" in formats else [])]))
@@ -247,39 +248,21 @@ def render_card(
     card_data["library_name"] = "peft" if adapter else ("gguf" if formats == ["gguf"] else None)
     if card_data["library_name"] is None:
         card_data["library_name"] = "transformers"
-    header = ModelCardData(**card_data).to_yaml()
+    return ModelCardData(**card_data).to_yaml()
 
+
+def _source_name(settings: Settings, source: SourceInfo) -> str:
+    """The card's name for the source: its hub id or folder name, and the GGUF file it came
+    from when the name does not already say it."""
     source_name = source.hub_id or Path(settings.model).name
     if source.gguf_file and source.gguf_file not in source_name:
         source_name = f"{source_name} ({source.gguf_file})"
-    system_prompt = settings.system_prompt or "(none)"
-    rule = _refusal_rule(settings, metadata.get("refusal_judge") or {})
-    what = {
-        "model": "merged weights (safetensors; `AutoModelForCausalLM.from_pretrained`)",
-        "gguf": "a GGUF file for llama.cpp / Ollama: the source file with only the edited "
-        "matrices replaced",
-        "adapter": "a rank-1 PEFT LoRA adapter holding only the edit "
-        "(`PeftModel.from_pretrained(base, path)`)",
-    }
-    files = "\n".join(f"- {what[f]}" for f in formats if f in what)
-    license_line = (
-        f"License: `{source.license}`, copied from the source model."
-        if source.license
-        else "License: unknown; the source model's license applies."
-    )
-    return f"""---
-{header}
----
+    return source_name
 
-# {source_name}, abliterated with heretic
 
-This is **{source_name}** with its refusal behaviour removed by
-heretic {metadata.get("heretic_version", "")} (directional ablation, "abliteration"). {license_line}
-
-Files:
-{files}
-
-## Method
+def _method_section(settings: Settings, metadata: Mapping[str, Any]) -> str:
+    """The "Method" section: the edit's formula and how the search chose this trial."""
+    return f"""## Method
 
 For every layer, heretic takes the refusal direction r: the normalized difference between the
 mean residual stream (after the layer, at the last prompt token) of harmful and harmless prompts
@@ -295,15 +278,15 @@ both the refusal count and the KL divergence from the source model; this is tria
 {metadata["trial_number"]} of the Pareto front.
 
 Direction prompts: harmless {_dataset_text(settings.good_prompts)}, harmful
-{_dataset_text(settings.bad_prompts)}.
+{_dataset_text(settings.bad_prompts)}."""
 
-## Parameters
 
-Layer positions are fractions of depth (0 = first of the {n_layers} layers, 1 = last).
-
-{_params_table(metadata["best_params"], metadata.get("refusal_direction"))}
-
-## Metrics
+def _metrics_section(settings: Settings, metadata: Mapping[str, Any]) -> str:
+    """The "Metrics" section: the figures, and how each was measured (what counted as a
+    refusal, why the search's own figures flatter the trial, what KL and perplexity say)."""
+    system_prompt = settings.system_prompt or "(none)"
+    rule = _refusal_rule(settings, metadata.get("refusal_judge") or {})
+    return f"""## Metrics
 
 {_metrics(metadata)}
 
@@ -316,7 +299,47 @@ Layer positions are fractions of depth (0 = first of the {n_layers} layers, 1 = 
   requests (0 = unchanged).
 - {perplexity_line(metadata)}
 - System prompt during evaluation: `{system_prompt}`; model dtype during the search:
-  `{settings.dtype}`.
+  `{settings.dtype}`."""
+
+
+def render_card(
+    *,
+    settings: Settings,
+    source: SourceInfo,
+    metadata: Mapping[str, Any],
+    n_layers: int,
+    formats: list[str],
+    adapter: bool = False,
+) -> str:
+    """The README.md text: hub YAML header, then method, parameters, metrics, reproduction."""
+    source_name = _source_name(settings, source)
+    files = "\n".join(f"- {FORMAT_TEXT[f]}" for f in formats if f in FORMAT_TEXT)
+    license_line = (
+        f"License: `{source.license}`, copied from the source model."
+        if source.license
+        else "License: unknown; the source model's license applies."
+    )
+    return f"""---
+{_hub_header(source, formats, adapter)}
+---
+
+# {source_name}, abliterated with heretic
+
+This is **{source_name}** with its refusal behaviour removed by
+heretic {metadata.get("heretic_version", "")} (directional ablation, "abliteration"). {license_line}
+
+Files:
+{files}
+
+{_method_section(settings, metadata)}
+
+## Parameters
+
+Layer positions are fractions of depth (0 = first of the {n_layers} layers, 1 = last).
+
+{_params_table(metadata["best_params"], metadata.get("refusal_direction"))}
+
+{_metrics_section(settings, metadata)}
 
 {card_section(metadata.get("benchmarks"))}## Reproducing
 

@@ -217,65 +217,24 @@ class Finisher:
     def save(self, trial: FrozenTrial) -> list[Path]:
         """Write the trial in every requested format, its card, metadata and pictures."""
         formats = self.formats()
-        if "gguf" in formats:
-            gguf_source = self._gguf_source()  # fail before writing anything
+        # Found before anything is written, so a missing input file fails the save cleanly.
+        gguf_source = self._gguf_source() if "gguf" in formats else None
         strengths, directions = edit_from_params(params_from_trial(trial), self.directions)
         metadata = self.metadata(trial)
         source = source_info(
-            self.settings.model,
-            gguf_path=gguf_source if "gguf" in formats else None,
-            gguf_file=self.model.source.gguf_file,
+            self.settings.model, gguf_path=gguf_source, gguf_file=self.model.source.gguf_file
         )
-        output_dir = self.settings.output_dir
         self.hooks.clear()
         written: list[Path] = []
         self._source, self._cards = source, {}
         model_formats = [f for f in formats if f in ("model", "gguf")]
         if model_formats:
-            folder = output_dir / "model"
-            self.console.print(
-                f"[bold]Saving[/] trial {trial.number} ({', '.join(model_formats)}) to {folder}"
+            written.append(
+                self._save_model(trial, model_formats, strengths, directions, gguf_source, metadata)
             )
-            with staged_folder(folder, "the model") as tmp:
-                if "model" in model_formats:
-                    self._write_merged(strengths, directions, tmp)
-                if "gguf" in model_formats:
-                    self._write_gguf(gguf_source, strengths, directions, tmp)
-                card = render_card(
-                    settings=self.settings,
-                    source=source,
-                    metadata=metadata,
-                    n_layers=self.model.n_layers,
-                    formats=model_formats,
-                )
-                (tmp / "README.md").write_text(card, encoding="utf-8")
-            written.append(folder)
-            self._cards[folder] = (model_formats, False)
         if "adapter" in formats:
-            folder = output_dir / "adapter"
-            self.console.print(
-                f"[bold]Saving[/] trial {trial.number} as a LoRA adapter to {folder}"
-            )
-            edit = self._trial_edit(strengths, directions)
-            with staged_folder(folder, "the adapter") as tmp:
-                write_adapter_files(
-                    self._adapter_sites(edit),
-                    edit,
-                    source.hub_id or self.settings.model,
-                    tmp,
-                )
-                card = render_card(
-                    settings=self.settings,
-                    source=source,
-                    metadata=metadata,
-                    n_layers=self.model.n_layers,
-                    formats=["adapter"],
-                    adapter=True,
-                )
-                (tmp / "README.md").write_text(card, encoding="utf-8")
-            written.append(folder)
-            self._cards[folder] = (["adapter"], True)
-        write_json(metadata, output_dir / "heretic_metadata.json")
+            written.append(self._save_adapter(trial, strengths, directions, metadata))
+        write_json(metadata, self.settings.output_dir / "heretic_metadata.json")
         self.saved_trial = trial.number
         self.saved_paths = written
         self.plot_pareto(trial.number)
@@ -283,6 +242,62 @@ class Finisher:
             self.console.print("Plotting residuals")
             self.plot_residuals(trial)
         return written
+
+    def _save_model(
+        self,
+        trial: FrozenTrial,
+        formats: list[str],
+        strengths,
+        directions: torch.Tensor,
+        gguf_source: Path | None,
+        metadata: dict,
+    ) -> Path:
+        """OUTPUT_DIR/model: the merged checkpoint and/or the edited GGUF file (`formats`), with
+        the model card; the folder that is uploaded."""
+        folder = self.settings.output_dir / "model"
+        self.console.print(
+            f"[bold]Saving[/] trial {trial.number} ({', '.join(formats)}) to {folder}"
+        )
+        with staged_folder(folder, "the model") as tmp:
+            if "model" in formats:
+                self._write_merged(strengths, directions, tmp)
+            if "gguf" in formats:
+                self._write_gguf(gguf_source, strengths, directions, tmp)
+            (tmp / "README.md").write_text(self._card(metadata, formats), encoding="utf-8")
+        self._cards[folder] = (formats, False)
+        return folder
+
+    def _save_adapter(
+        self, trial: FrozenTrial, strengths, directions: torch.Tensor, metadata: dict
+    ) -> Path:
+        """OUTPUT_DIR/adapter: the edit alone as a PEFT LoRA adapter on the source model, with
+        its own card."""
+        folder = self.settings.output_dir / "adapter"
+        self.console.print(f"[bold]Saving[/] trial {trial.number} as a LoRA adapter to {folder}")
+        edit = self._trial_edit(strengths, directions)
+        with staged_folder(folder, "the adapter") as tmp:
+            write_adapter_files(
+                self._adapter_sites(edit),
+                edit,
+                self._source.hub_id or self.settings.model,
+                tmp,
+            )
+            card = self._card(metadata, ["adapter"], adapter=True)
+            (tmp / "README.md").write_text(card, encoding="utf-8")
+        self._cards[folder] = (["adapter"], True)
+        return folder
+
+    def _card(self, metadata: dict, formats: list[str], adapter: bool = False) -> str:
+        """The model card of a saved folder; rendered again when benchmarks add to the
+        metadata (`_update_saved`)."""
+        return render_card(
+            settings=self.settings,
+            source=self._source,
+            metadata=metadata,
+            n_layers=self.model.n_layers,
+            formats=formats,
+            adapter=adapter,
+        )
 
     def _trial_edit(self, strengths, directions: torch.Tensor) -> TrialEdit:
         return TrialEdit(
@@ -480,15 +495,9 @@ class Finisher:
         """Rewrite the saved trial's metadata and cards (the weights stay as they are)."""
         metadata = self.metadata(trial)
         for folder, (formats, adapter) in self._cards.items():
-            card = render_card(
-                settings=self.settings,
-                source=self._source,
-                metadata=metadata,
-                n_layers=self.model.n_layers,
-                formats=formats,
-                adapter=adapter,
+            write_text(
+                folder / "README.md", self._card(metadata, formats, adapter), "the model card"
             )
-            write_text(folder / "README.md", card, "the model card")
         write_json(metadata, self.settings.output_dir / "heretic_metadata.json")
         where = ", ".join(str(f / "README.md") for f in self._cards)
         self.console.print(f"  results added to heretic_metadata.json and {where}")

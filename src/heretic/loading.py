@@ -62,16 +62,8 @@ def load_model(
     _check_quantization(source, kwargs, quantization, device, log)
 
     def build(load_dtype: torch.dtype | str, device: str | None) -> Model:
-        # A copy each time: transformers rewrites the sizes in place.
-        extra: dict = {} if max_memory is None else {"max_memory": dict(max_memory)}
-        config = bnb_config(quantization, load_dtype, allow_cpu_offload=max_memory is not None)
-        if config is not None:
-            extra["quantization_config"] = config
-        loaded = _loading(
-            source,
-            lambda: from_pretrained(
-                auto_class, source.path, dtype=load_dtype, device_map=device, **kwargs, **extra
-            ),
+        loaded = _load_weights(
+            auto_class, source, kwargs, load_dtype, device, quantization, max_memory
         )
         if source.gguf_file:
             loaded = _dequantized_copy(loaded, dtype, device_map)
@@ -88,6 +80,32 @@ def load_model(
     if source.gguf_file:
         return build(torch.float32, None)
     return _first_finite(lambda d: build(d, device), source, dtype, check_logits, log)
+
+
+def _load_weights(
+    auto_class,
+    source: ModelSource,
+    kwargs: dict,
+    load_dtype: torch.dtype | str,
+    device: str | None,
+    quantization: str,
+    max_memory: dict[int | str, str] | None,
+) -> nn.Module:
+    """One load of the weights, in `load_dtype` on `device` (`load_model` calls it once per
+    dtype it tries): quantized by bitsandbytes when `quantization` asks, placed by accelerate
+    within the `max_memory` caps (which may leave layers on the CPU, so bitsandbytes is told
+    to allow that)."""
+    # A copy each time: transformers rewrites the sizes in place.
+    extra: dict = {} if max_memory is None else {"max_memory": dict(max_memory)}
+    config = bnb_config(quantization, load_dtype, allow_cpu_offload=max_memory is not None)
+    if config is not None:
+        extra["quantization_config"] = config
+    return _loading(
+        source,
+        lambda: from_pretrained(
+            auto_class, source.path, dtype=load_dtype, device_map=device, **kwargs, **extra
+        ),
+    )
 
 
 def from_pretrained(auto_class, path: str, **kwargs) -> nn.Module:

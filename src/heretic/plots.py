@@ -74,21 +74,7 @@ def pareto_plot(
         (by_number[n] for n in front if n in by_number), key=lambda t: t.kl_divergence
     )
     if front_points:
-        xs, ys = [], []
-        for t in front_points:
-            xs.append(t.kl_divergence)
-            ys.append(t.refusals)
-        ax.step(xs, ys, where="post", color=FRONT_COLOUR, linewidth=1.5, zorder=3)
-        ax.scatter(xs, ys, s=40, color=FRONT_COLOUR, label=f"Pareto front ({len(xs)})", zorder=4)
-        for t in front_points:
-            ax.annotate(
-                str(t.number),
-                (t.kl_divergence, t.refusals),
-                textcoords="offset points",
-                xytext=(4, 4),
-                fontsize=8,
-                color=FRONT_COLOUR,
-            )
+        _draw_front(ax, front_points)
     ax.scatter(
         [0], [base_refusals], s=90, marker="s", color="black", label="original model", zorder=5
     )
@@ -105,6 +91,35 @@ def pareto_plot(
             label=f"chosen: trial {t.number} ({t.refusals}/{n_bad}, KL {t.kl_divergence:.3f})",
             zorder=6,
         )
+    _scale_axes(ax, trials, n_bad)
+    ax.set_title(title or "heretic: refusals vs KL divergence per trial")
+    ax.grid(True, which="major", alpha=0.3)
+    ax.legend(loc="upper right", fontsize=9, framealpha=0.9)
+    return _save(fig, path)
+
+
+def _draw_front(ax, front_points: Sequence[TrialPoint]) -> None:
+    """The Pareto front as a staircase (between two front points no trial does better on both
+    axes), each point labelled with its trial number, the number the menu and --select take."""
+    xs = [t.kl_divergence for t in front_points]
+    ys = [t.refusals for t in front_points]
+    ax.step(xs, ys, where="post", color=FRONT_COLOUR, linewidth=1.5, zorder=3)
+    ax.scatter(xs, ys, s=40, color=FRONT_COLOUR, label=f"Pareto front ({len(xs)})", zorder=4)
+    for t in front_points:
+        ax.annotate(
+            str(t.number),
+            (t.kl_divergence, t.refusals),
+            textcoords="offset points",
+            xytext=(4, 4),
+            fontsize=8,
+            color=FRONT_COLOUR,
+        )
+
+
+def _scale_axes(ax, trials: Sequence[TrialPoint], n_bad: int) -> None:
+    """A symmetric-log KL axis, linear below the decade of the smallest positive KL, so the
+    unedited model (KL 0) and trials spanning several orders of magnitude all fit; refusals
+    from 0 to n_bad with a margin so that points on either bound stay visible."""
     positive = [t.kl_divergence for t in trials if t.kl_divergence > 0]
     linthresh = 10 ** math.floor(math.log10(min(positive))) if positive else 0.01
     ax.set_xscale("symlog", linthresh=max(linthresh, 1e-4))
@@ -112,10 +127,6 @@ def pareto_plot(
     ax.set_ylim(-max(1, n_bad * 0.03), n_bad * 1.04 + 1)
     ax.set_xlabel("KL divergence from the original model (first response token; symlog)")
     ax.set_ylabel(f"refusals (of {n_bad} harmful evaluation prompts)")
-    ax.set_title(title or "heretic: refusals vs KL divergence per trial")
-    ax.grid(True, which="major", alpha=0.3)
-    ax.legend(loc="upper right", fontsize=9, framealpha=0.9)
-    return _save(fig, path)
 
 
 def _second_axis(points: torch.Tensor, r: torch.Tensor) -> torch.Tensor:

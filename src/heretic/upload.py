@@ -76,19 +76,7 @@ def upload_folder(
             f"upload again. {kept}"
         ) from e
     except HfHubHTTPError as e:
-        status = getattr(getattr(e, "response", None), "status_code", None)
-        if status == 401:
-            why = "the token is invalid or expired: run `hf auth login` again"
-        elif status == 403:
-            why = (
-                "the token may not write there: use a token with write access, or a repo id "
-                "under your own user or an organization you belong to"
-            )
-        elif status == 404:
-            why = "the repository or its namespace does not exist (check the user/organization)"
-        else:
-            why = f"the hub answered {status}: {str(e).splitlines()[0]}"
-        raise ExportError(f"Upload to {repo_id} failed: {why}. {kept}") from e
+        raise ExportError(f"Upload to {repo_id} failed: {_http_failure(e)}. {kept}") from e
     except Exception as e:  # transport errors: DNS, refused connection, timeout, TLS
         raise ExportError(
             f"Upload to {repo_id} failed: cannot reach the Hugging Face hub ({type(e).__name__}: "
@@ -97,3 +85,19 @@ def upload_folder(
         ) from e
     url = str(getattr(repo_url, "url", repo_url))
     return UploadResult(repo_id=repo_id, url=url, private=private)
+
+
+def _http_failure(error: Exception) -> str:
+    """What an HTTP error from the hub means for this upload, by its status code, and what to
+    change before uploading again."""
+    status = getattr(getattr(error, "response", None), "status_code", None)
+    if status == 401:
+        return "the token is invalid or expired: run `hf auth login` again"
+    if status == 403:
+        return (
+            "the token may not write there: use a token with write access, or a repo id "
+            "under your own user or an organization you belong to"
+        )
+    if status == 404:
+        return "the repository or its namespace does not exist (check the user/organization)"
+    return f"the hub answered {status}: {str(error).splitlines()[0]}"

@@ -165,23 +165,11 @@ def make_storage(
     failure is retried a few times before it is reported.
     """
     scheme = _scheme(url)
-    if "://" not in url or scheme not in _RDB_SCHEMES:
-        raise StudyError(
-            f"Storage {url!r} is not a database URL heretic can use: give "
-            "sqlite:///PATH/study.db (one machine) or "
-            "postgresql://USER:PASSWORD@HOST:PORT/DATABASE (several machines)."
-        )
+    _check_storage_url(url, scheme)
     shown = redact(url)
-    if scheme == "sqlite":
-        path = url.split(":///", 1)[1] if ":///" in url else ""
-        if path and path != ":memory:" and not Path(path).parent.is_dir():
-            raise StudyError(
-                f"Cannot open study storage {url}: folder {Path(path).parent} does not exist. "
-                "Create it or fix --storage."
-            )
-        engine_kwargs: dict[str, Any] = {"connect_args": {"timeout": 120}}
-    else:
-        engine_kwargs = {"pool_pre_ping": True}
+    engine_kwargs: dict[str, Any] = (
+        {"connect_args": {"timeout": 120}} if scheme == "sqlite" else {"pool_pre_ping": True}
+    )
     if heartbeat_interval is not None and grace_period is None:
         grace_period = GRACE_FACTOR * heartbeat_interval
     last: Exception | None = None
@@ -214,6 +202,25 @@ def make_storage(
         f"Cannot open study storage {shown}: {message}. Check that the database server is "
         "running and reachable, and the URL (user, password, host, port, database)."
     ) from last
+
+
+def _check_storage_url(url: str, scheme: str) -> None:
+    """Refuse, before connecting, a URL that is not a database heretic can use, and an SQLite
+    file whose folder does not exist (SQLite itself only says "unable to open database
+    file"), each with what to give instead."""
+    if "://" not in url or scheme not in _RDB_SCHEMES:
+        raise StudyError(
+            f"Storage {url!r} is not a database URL heretic can use: give "
+            "sqlite:///PATH/study.db (one machine) or "
+            "postgresql://USER:PASSWORD@HOST:PORT/DATABASE (several machines)."
+        )
+    if scheme == "sqlite":
+        path = url.split(":///", 1)[1] if ":///" in url else ""
+        if path and path != ":memory:" and not Path(path).parent.is_dir():
+            raise StudyError(
+                f"Cannot open study storage {url}: folder {Path(path).parent} does not exist. "
+                "Create it or fix --storage."
+            )
 
 
 def redact(url: str) -> str:
