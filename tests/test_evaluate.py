@@ -119,9 +119,7 @@ def test_the_base_is_found_in_the_card_or_asked_for(tmp_path):
         resolve_base("", str(folder))
 
 
-def test_models_with_other_vocabularies_are_not_compared(
-    tiny_chat_model, prompt_files, tmp_path
-):
+def test_models_with_other_vocabularies_are_not_compared(tiny_chat_model, prompt_files, tmp_path):
     other = tmp_path / "other-vocab"
     shutil.copytree(tiny_chat_model, other)
     vocab_file = other / "tokenizer.json"
