@@ -14,6 +14,7 @@ from rich.console import Console
 
 from heretic.cli import run
 from heretic.config import load_settings
+from heretic.evaluate import evaluate
 from heretic.judges import MarkerJudge
 from heretic.loading import load_model
 
@@ -81,3 +82,18 @@ def test_abliterating_the_organism_removes_refusals(organism, tmp_path, monkeypa
     assert all(isinstance(r, str) and r.strip() for r in responses)
     judge = MarkerJudge(tuple(load_settings([]).refusal_markers))
     assert judge.count(responses) < 10
+
+    # `heretic evaluate` on the saved model, with the run's settings: the run's held-out
+    # figures again, found from the output's own metadata (base from heretic_metadata.json).
+    evaluate(
+        load_settings(["--evaluate-model", str(out / "model"), *argv[2:]]),
+        Console(file=open("/dev/null", "w")),  # noqa: SIM115
+    )
+    report = json.loads((out / "evaluation-model.json").read_text())
+    assert report["base_model"] == str(organism)
+    evaluated = report["groups"]["held_out"]
+    assert evaluated["n_bad_prompts"] == 6 and evaluated["base"]["refusals"] >= 4
+    assert evaluated["base"]["marker_refusals"] == held["base_marker_refusals"]
+    assert evaluated["evaluated"]["refusals"] <= held["refusals"] + 1
+    assert evaluated["kl_divergence"] == pytest.approx(held["kl_divergence"], rel=0.25, abs=0.01)
+    assert report["groups"]["evaluation"]["n_bad_prompts"] == n_bad

