@@ -78,6 +78,8 @@ def test_layers_are_the_text_decoders_and_every_writer_is_a_site(family):
     assert model.layers is find_decoder_layers(model.model)
     # The coverage self-check ran at load; every layer has at least one site.
     assert {site.layer for site in model.sites} == set(range(model.n_layers))
+    # Hyper-connections keep hc_mult residual streams; every other family one.
+    assert model.residual_streams == getattr(text_config, "hc_mult", 1)
     if name in BIASED:
         biases = [t for s in model.sites for t in s.biases]
         assert biases and all(bool(t.param.abs().sum() > 0) for t in biases)

@@ -82,6 +82,24 @@ FAMILIES: dict[str, dict[str, Any]] = {
     "cwm": {},
     "deepseek_v2": {"num_key_value_heads": 4},
     "deepseek_v3": {"head_dim": 8, "n_group": 1, "topk_group": 1, "num_key_value_heads": 4},
+    "deepseek_v4": {
+        # hyper-connections: 4 residual streams; every attention kind, hash and top-k routing
+        "num_key_value_heads": 1,
+        "layer_types": [
+            "sliding_attention",
+            "compressed_sparse_attention",
+            "heavily_compressed_attention",
+            "compressed_sparse_attention",
+        ],
+        "mlp_layer_types": ["hash_moe", "moe", "moe", "moe"],
+        "compress_rates": {"compressed_sparse_attention": 2, "heavily_compressed_attention": 4},
+        "o_groups": 2,
+        "o_lora_rank": 16,
+        "index_n_heads": 2,
+        "index_head_dim": 16,
+        "index_topk": 4,
+        "hc_sinkhorn_iters": 4,
+    },
     "diffllama": {},
     "dots1": {},
     "ernie4_5": {},
@@ -108,6 +126,28 @@ FAMILIES: dict[str, dict[str, Any]] = {
             "mrope_section": [1, 1, 2],
             "partial_rotary_factor": 0.5,
         }
+    },
+    "glm5_next": {
+        # hyper-connections like deepseek_v4, with linear attention and indexed (NoPE)
+        # attention; the last layer reuses the top-k of the layer below (a layer output tuple)
+        "num_key_value_heads": 4,
+        "qk_rope_head_dim": 0,
+        "qk_nope_head_dim": 16,
+        "layer_types": [
+            "linear_attention",
+            "full_attention",
+            "full_attention",
+            "full_attention",
+        ],
+        "indexer_types": ["full", "full", "full", "shared"],
+        "mlp_layer_types": ["dense", "sparse", "sparse", "sparse"],
+        "index_topk": 4,
+        "index_kpool": 2,
+        "index_head_dim": 16,
+        "index_n_heads": 2,
+        "linear_head_dim": 16,
+        "linear_num_heads": 4,
+        "hc_sinkhorn_iters": 4,
     },
     "gpt_neox": {},
     "gpt_oss": {},

@@ -8,6 +8,10 @@ would then tune a model it cannot fully edit: heretic stops before the search in
 r is a coordinate axis e_k, chosen per layer: removing it from a vector zeroes one coordinate,
 which is exact in any dtype, so the check needs no tolerance for bf16 rounding. It runs twice
 with different axes, so a writer that happens to write nothing along one axis is still seen.
+
+A layer with several residual streams (hyper-connections, [B, S, N, D]) has coordinate k
+zeroed in every input stream and checked in every output stream: each output stream is a
+combination of input streams plus the writers scaled per stream, so none may carry r.
 """
 
 from __future__ import annotations

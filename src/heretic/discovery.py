@@ -253,7 +253,7 @@ def _find_sites(model: nn.Module, layers: nn.ModuleList, hidden: int) -> list[Ed
         trace, x = probe.traces[index], probe.inputs[index]
         layer_name = trace.names[layers[index]] or f"layer {index}"
         out = probe.outputs[index]
-        branches = residual_branches(out.grad_fn, x) if out is not None else None
+        branches = residual_branches(out.grad_fn, x, hidden) if out is not None else None
         if not branches:
             raise ModelLoadError(
                 f"{layer_name} ({type(layers[index]).__name__}) does not add its writers onto "

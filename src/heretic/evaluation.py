@@ -189,6 +189,7 @@ class Evaluator:
         per_layer = (
             self.model.padded_tokens(self._good_sorted, self.batch_size, self._good_thinking)
             * self.model.hidden_size
+            * self.model.residual_streams
             * element
         )
         n = budget_bytes // max(per_layer, 1)

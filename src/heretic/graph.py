@@ -69,19 +69,55 @@ def _skip_shape_ops(fn, steps: int | None = None):
     return fn
 
 
-def residual_branches(fn, layer_input: torch.Tensor) -> list | None:
+def residual_branches(fn, layer_input: torch.Tensor, hidden: int) -> list | None:
     """The branches added onto the residual path from the layer's input to `fn`, or None when
-    `fn` does not reach the input through additions and shape operations alone."""
+    `fn` does not reach the input through additions, shape operations and stream mixing alone.
+
+    Stream mixing is a matrix product `M @ streams` with the residual on the right and its last
+    axis the hidden size: hyper-connections (DeepSeek V4, GLM-5-Next) keep `hc_mult` residual
+    streams [B, S, N, D] and carry them to the next layer as `comb^T @ streams`. Each output
+    stream is a linear combination of input streams, so streams free of a direction r stay free
+    of it, whatever the (input-dependent) weights: the edit is the plain residual one."""
     fn = _skip_shape_ops(fn)
     if type(fn).__name__ == "AccumulateGrad" and fn.variable is layer_input:
         return []
+    if type(fn).__name__ in ("BmmBackward0", "MmBackward0"):
+        streams = _stream_mix_operand(fn, hidden)
+        return None if streams is None else residual_branches(streams, layer_input, hidden)
     if fn is None or type(fn).__name__ not in ("AddBackward0", "SubBackward0"):
         return None
     children = _children(fn)
     for i, child in enumerate(children):
-        found = residual_branches(child, layer_input)
+        found = residual_branches(child, layer_input, hidden)
         if found is not None:
             return found + children[:i] + children[i + 1 :]
+    return None
+
+
+def _stream_mix_operand(fn, hidden: int):
+    """The right operand of a product `M @ X` whose rows are hidden-size vectors (X: [.., N, D],
+    M: [.., N', N]): a combination of X's rows that never mixes channels. None otherwise."""
+    left, right = (getattr(fn, attr, None) for attr in ("_saved_self", "_saved_mat2"))
+    if not isinstance(left, torch.Tensor) or not isinstance(right, torch.Tensor):
+        return None
+    if right.dim() < 2 or right.shape[-1] != hidden or left.shape[-1] != right.shape[-2]:
+        return None
+    return fn.next_functions[1][0]
+
+
+def _row_gain_operand(fn, hidden: int):
+    """For `gain * x` with a gain of one scalar per row (last axis 1: hyper-connections' `post`
+    weight per stream, [B, S, N, 1] times a block output [B, S, 1, D]), the operand x: scaling
+    a vector free of r as a whole keeps it free of r. None for any other product."""
+    if type(fn).__name__ != "MulBackward0":
+        return None
+    # next_functions are (self, other), the operands saved as _saved_self and _saved_other.
+    saved = [getattr(fn, attr, None) for attr in ("_saved_self", "_saved_other")]
+    if not all(isinstance(s, torch.Tensor) and s.dim() > 0 for s in saved):
+        return None
+    for index, (own, other) in enumerate([(saved[0], saved[1]), (saved[1], saved[0])]):
+        if own.shape[-1] == hidden and other.shape[-1] == 1:
+            return fn.next_functions[index][0]
     return None
 
 
@@ -161,6 +197,9 @@ def branch_modules(
             for child in _children(fn)
             for found in branch_modules(child, trace, hidden, layer_name)
         ]
+    scaled = _row_gain_operand(fn, hidden) if fn is not None else None
+    if scaled is not None:
+        return branch_modules(scaled, trace, hidden, layer_name)
     op = type(fn).__name__ if fn is not None else "a constant"
     variable = getattr(fn, "variable", None)
     if isinstance(variable, nn.Parameter):

@@ -23,7 +23,7 @@ from heretic.coverage import check_coverage
 from heretic.decoding import Decoding
 from heretic.discovery import find_decoder_layers, find_sites
 from heretic.errors import ModelLoadError
-from heretic.layer_outputs import LayerOutputs
+from heretic.layer_outputs import LayerOutputs, last_position
 from heretic.reasoning import Reasoning, ResponseReader, mentions_thinking, open_block
 from heretic.sites import COMPONENTS, EditSite
 
@@ -145,6 +145,25 @@ class Model:
     @property
     def hidden_size(self) -> int:
         return int(self.model.config.get_text_config().hidden_size)
+
+    @cached_property
+    def residual_streams(self) -> int:
+        """Residual streams per token of a layer's output: hyper-connections' hc_mult
+        (DeepSeek V4, GLM-5-Next), else 1. A stored layer output is that many times the hidden
+        size; read from one short pass, not from the config."""
+        shapes: list[torch.Size] = []
+
+        def hook(_module, _args, output):
+            shapes.append(_module_output(output).shape)
+
+        handle = self.layers[0].register_forward_hook(hook)
+        try:
+            with torch.inference_mode():
+                ids = torch.tensor([[self.tokenizer.pad_token_id or 0] * 2], device=self.device)
+                self.model(input_ids=ids, use_cache=False)
+        finally:
+            handle.remove()
+        return max(1, shapes[0][2:].numel() // self.hidden_size)
 
     def padded_tokens(
         self, prompts: Sequence[str], batch_size: int, continuations: Sequence[str] | None = None
@@ -310,10 +329,8 @@ class Model:
 
         def make_hook(group: int, i: int, dtype: torch.dtype):
             def hook(_module, _inputs, output):
-                h = _module_output(output)
-                if h.dim() == 2:
-                    h = h.reshape(rows[0], -1, h.shape[-1])
-                captured[group][i] = h[:, -1, :].to(dtype).cpu()
+                h = last_position(_module_output(output), rows[0])
+                captured[group][i] = h.to(dtype).cpu()
 
             return hook
 
@@ -380,7 +397,7 @@ class Model:
         def make_hook(i: int):
             def hook(_module, _inputs, output):
                 record.tuple_output = len(output) if isinstance(output, tuple) else 0
-                batch_outputs[i] = record.keep(i, _module_output(output))
+                batch_outputs[i] = record.keep(i, output)
 
             return hook
 
@@ -395,10 +412,11 @@ class Model:
     @contextlib.contextmanager
     def _replaying(self, resume: LayerOutputs, batch_index: int, upto: int) -> Iterator[None]:
         """Layers 0..upto-1 pass their input through untouched (nothing reads it: the next
-        layer is skipped too); layer `upto` returns its stored output for this batch."""
+        layer is skipped too); layer `upto` returns its stored output for this batch, a tuple's
+        extras included (the next layer may read them)."""
         stored = resume.stored(batch_index, upto)
-        # A layer returning a tuple (hidden states, attention weights, ...) gets the same arity;
-        # the extras are None, as they are without output_attentions.
+        # A skipped layer returning a tuple (hidden states, attention weights, ...) gets the
+        # same arity; its extras are None, as they are without output_attentions.
         extras = (None,) * max(int(resume.tuple_output) - 1, 0)
         wrap = (lambda h: (h, *extras)) if resume.tuple_output else (lambda h: h)
 
@@ -406,7 +424,7 @@ class Model:
             return wrap(args[0] if args else kwargs["hidden_states"])
 
         def replay(*_args, **_kwargs):
-            return wrap(stored)
+            return stored
 
         for i in range(upto + 1):
             self.layers[i].forward = replay if i == upto else passthrough
