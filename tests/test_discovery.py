@@ -5,10 +5,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tiny_models import tiny_model
+from tiny_models import coverage_failure, tiny_model
 from torch import nn
 
-from heretic.coverage import check_coverage
 from heretic.discovery import discover_sites, find_decoder_layers
 from heretic.errors import ModelLoadError
 from heretic.sites import ATTN, MLP
@@ -95,13 +94,6 @@ def test_a_layer_that_rescales_its_residual_is_refused():
 
 
 def test_coverage_check_names_the_layer_and_the_unedited_module():
-    model = tiny_model("llama", num_hidden_layers=2)
-    layers = find_decoder_layers(model)
-    sites = discover_sites(model)
-    check_coverage(model, layers, sites, 64)  # complete: passes
-    incomplete = [s for s in sites if not (s.layer == 1 and s.component == MLP)]
-    with pytest.raises(ModelLoadError) as error:
-        check_coverage(model, layers, incomplete, 64)
-    message = str(error.value)
+    message = coverage_failure(tiny_model("llama", num_hidden_layers=2), 1, MLP)
     assert "layer 1 (LlamaDecoderLayer)" in message and "mlp.down_proj (Linear)" in message
     assert "layer 0" not in message

@@ -9,10 +9,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tiny_models import tiny_model
+from tiny_models import coverage_failure, tiny_model
 from torch import nn
 
-from heretic.coverage import check_coverage
 from heretic.discovery import discover_sites, find_decoder_layers
 from heretic.edit import TrialEdit
 from heretic.errors import ExportError, ModelLoadError
@@ -56,13 +55,7 @@ def test_writers_are_found_through_the_stream_gain_and_mixing(deepseek_v4):
 
 
 def test_coverage_check_reads_every_stream(deepseek_v4):
-    layers = find_decoder_layers(deepseek_v4)
-    sites = discover_sites(deepseek_v4)
-    check_coverage(deepseek_v4, layers, sites, 64)  # complete: passes
-    incomplete = [s for s in sites if not (s.layer == 2 and s.component == ATTN)]
-    with pytest.raises(ModelLoadError) as error:
-        check_coverage(deepseek_v4, layers, incomplete, 64)
-    message = str(error.value)
+    message = coverage_failure(deepseek_v4, 2, ATTN)
     assert "layer 2 (DeepseekV4DecoderLayer)" in message
     assert "self_attn.o_b_proj (Linear)" in message and "layer 1 " not in message
 

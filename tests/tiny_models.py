@@ -330,3 +330,21 @@ def add_range_trial(study, kl: float, refusals: int, weight: float, max_weight: 
             user_attrs={KL_ATTR: kl, REFUSALS_ATTR: refusals},
         )
     )
+
+
+def coverage_failure(model, layer: int, component: str) -> str:
+    """The coverage check's message once one site is left out: the complete set of the model's
+    sites must pass first, so a check that fails everything cannot pass the tests."""
+    import pytest
+
+    from heretic.coverage import check_coverage
+    from heretic.discovery import discover_sites, find_decoder_layers
+    from heretic.errors import ModelLoadError
+
+    layers = find_decoder_layers(model)
+    sites = discover_sites(model)
+    check_coverage(model, layers, sites, model.config.get_text_config().hidden_size)
+    incomplete = [s for s in sites if not (s.layer == layer and s.component == component)]
+    with pytest.raises(ModelLoadError) as error:
+        check_coverage(model, layers, incomplete, model.config.get_text_config().hidden_size)
+    return str(error.value)
