@@ -42,6 +42,19 @@ class _ScaledResidual(nn.Module):
         return self.layer(hidden_states * self.scale, *args, **kwargs)
 
 
+class _NormalizedSkip(nn.Module):
+    """Adds the layer's normalized input to its output (as Gemma 3n's LAuReL block and BLOOM's
+    post-layernorm residual do): the residual rescaled per channel by the norm's gain."""
+
+    def __init__(self, layer: nn.Module):
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, hidden_states, *args, **kwargs):
+        out = self.layer(hidden_states, *args, **kwargs)
+        return out + self.layer.input_layernorm(hidden_states)
+
+
 def test_sites_of_a_dense_model():
     model = tiny_model("llama", num_hidden_layers=2)
     sites = discover_sites(model)
@@ -90,6 +103,20 @@ def test_a_layer_that_rescales_its_residual_is_refused():
     layers = find_decoder_layers(model)
     layers[0] = _ScaledResidual(layers[0], 64)
     with pytest.raises(ModelLoadError, match=r"model.layers.0 .*no residual connection found"):
+        discover_sites(model)
+
+
+def test_a_layer_that_adds_its_normalized_residual_is_refused():
+    """The per-channel gain would pass the coverage check (its probes are coordinate axes), so
+    discovery must name it."""
+    model = tiny_model("llama", num_hidden_layers=2)
+    layers = find_decoder_layers(model)
+    layers[1] = _NormalizedSkip(layers[1])
+    with pytest.raises(
+        ModelLoadError,
+        match=r"model.layers.1 \(_NormalizedSkip\): the layer adds the output of "
+        r"model.layers.1.layer.input_layernorm \(LlamaRMSNorm\), .* per-channel gain",
+    ):
         discover_sites(model)
 
 

@@ -33,6 +33,7 @@ from heretic.graph import (
     Trace,
     branch_modules,
     check_declared_orientation,
+    normalized_residual,
     residual_branches,
     sibling_experts,
 )
@@ -238,6 +239,32 @@ def _site(
     return EditSite(layer, component, name, module, weights, biases, gain)
 
 
+def _refuse_normalized_residual(
+    layer: nn.Module,
+    layer_name: str,
+    out: torch.Tensor,
+    x: torch.Tensor,
+    trace: Trace,
+    hidden: int,
+) -> None:
+    """Stop at a layer that adds a norm of its own residual back into it (Gemma 3n's LAuReL
+    block): its residual is rescaled per channel, which no edit of the writers can keep a
+    direction out of (`graph.normalized_residual`)."""
+    found = normalized_residual(out.grad_fn, x, trace, hidden)
+    if found is None:
+        return
+    norm, via = found
+    adder = f"{trace.names[via]} ({type(via).__name__})" if via is not None else "the layer"
+    raise ModelLoadError(
+        f"{layer_name} ({type(layer).__name__}): {adder} adds the output of "
+        f"{trace.names[norm]} ({type(norm).__name__}), the layer's own residual normalized "
+        "with a per-channel gain, back into the residual stream without a weight. A residual "
+        "free of a direction r is no longer free of it after a per-channel gain, so no edit of "
+        "the writers removes r completely, and heretic cannot edit this model. This "
+        "architecture is not supported."
+    )
+
+
 def find_sites(model: nn.Module, layers: nn.ModuleList, hidden: int) -> list[EditSite]:
     """Every residual writer of every decoder layer, from one probing forward pass."""
     with torch.inference_mode(False), torch.enable_grad():
@@ -253,6 +280,8 @@ def _find_sites(model: nn.Module, layers: nn.ModuleList, hidden: int) -> list[Ed
         trace, x = probe.traces[index], probe.inputs[index]
         layer_name = trace.names[layers[index]] or f"layer {index}"
         out = probe.outputs[index]
+        if out is not None:
+            _refuse_normalized_residual(layers[index], layer_name, out, x, trace, hidden)
         branches = residual_branches(out.grad_fn, x, hidden) if out is not None else None
         if not branches:
             raise ModelLoadError(

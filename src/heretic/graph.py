@@ -156,13 +156,19 @@ class Trace:
     input_tensors: dict[nn.Module, torch.Tensor] = field(default_factory=dict)
 
 
+def _is_weighted(module: nn.Module) -> bool:
+    """A module with a weight matrix of its own (a linear layer, fused experts): its output is
+    a writer's, never the residual carried through."""
+    return isinstance(module, nn.Linear) or any(
+        p.dim() >= 2 for p in module.parameters(recurse=False)
+    )
+
+
 def _pick(modules: list[nn.Module]) -> nn.Module:
     """Of the modules that output the same tensor (inner ones first), the innermost one that
     holds weights of its own (a linear layer or a fused expert module), else the innermost."""
     for module in modules:
-        if isinstance(module, nn.Linear) or any(
-            p.dim() >= 2 for p in module.parameters(recurse=False)
-        ):
+        if _is_weighted(module):
             return module
     return modules[0]
 
@@ -209,6 +215,76 @@ def branch_modules(
         f"{layer_name} adds something to the residual stream ({op}) that heretic cannot trace "
         "back to a module, so it cannot edit it. This architecture is not supported."
     )
+
+
+# Copies of a tensor or of part of it (`x.repeat(...)`, a view written in place: `x[1:] += y`).
+_COPIES = {"RepeatBackward0", "AsStridedBackward0", "CopySlices"}
+
+
+def _weightless_inputs(fn, hidden: int) -> list:
+    """The inputs that `fn` passes on without a weight: through copies, shape operations,
+    additions, constant scales and gains of one scalar per row. Empty for any other operation."""
+    name = type(fn).__name__
+    if name in _SHAPE_OPS or name in _COPIES or name in ("AddBackward0", "SubBackward0"):
+        return _children(fn)
+    if _is_scale(fn):
+        return _children(fn)
+    operand = _row_gain_operand(fn, hidden)
+    return [operand] if operand is not None else []
+
+
+def _from_residual(
+    tensor: torch.Tensor, layer_input: torch.Tensor, trace: Trace, hidden: int
+) -> bool:
+    """Whether `tensor` carries the layer's input on without a weight (the residual itself, a
+    copy or a scalar-weighted sum of it), as a pre-norm's input does."""
+    if tensor is layer_input:
+        return True
+    stack, seen = [tensor.grad_fn], set()
+    while stack:
+        fn = stack.pop()
+        if fn is None or fn in seen:
+            continue
+        seen.add(fn)
+        if type(fn).__name__ == "AccumulateGrad" and fn.variable is layer_input:
+            return True
+        if not any(_is_weighted(m) for m in trace.outputs.get(fn, [])):
+            stack.extend(_weightless_inputs(fn, hidden))
+    return False
+
+
+def normalized_residual(
+    fn, layer_input: torch.Tensor, trace: Trace, hidden: int
+) -> tuple[nn.Module, nn.Module | None] | None:
+    """A norm of the layer's own residual whose output the layer adds back into its residual
+    without a weight (Gemma 3n's LAuReL block returns its normalized input plus its update),
+    with the module that adds it (None when the layer does); None when there is none.
+
+    The norm's output is `g * x / rms(x)`: the residual rescaled per channel by the gain g. A
+    residual free of a direction r is not free of it after an elementwise gain (unless g is
+    uniform), and no edit of the writers reaches it, so such a layer cannot be edited
+    completely. The coverage check cannot see it: its probes are coordinate axes, which an
+    elementwise gain keeps at zero."""
+    stack, seen = [(fn, None)], set()
+    while stack:
+        node, via = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        modules = trace.outputs.get(node, [])
+        norm = next((m for m in modules if _is_norm(m)), None)
+        if norm is not None:
+            reads = trace.input_tensors.get(norm)
+            if reads is not None and _from_residual(reads, layer_input, trace, hidden):
+                return norm, via
+            continue  # a post-norm of a writer: what it normalizes is no residual
+        if any(_is_weighted(m) for m in modules):
+            continue
+        # The innermost module whose own forward produced this node (not one returning its input).
+        adders = [m for m in modules if trace.inputs.get(m) is not node]
+        via = adders[0] if adders else via
+        stack.extend((child, via) for child in _weightless_inputs(node, hidden))
+    return None
 
 
 def _param_chain(fn, params: dict[int, str]) -> tuple[nn.Parameter, int] | None:
