@@ -51,7 +51,7 @@ def _ids(model, seed: int = 3) -> torch.Tensor:
 
 def _logits(model, ids: torch.Tensor) -> torch.Tensor:
     with torch.no_grad():
-        return model.model(input_ids=ids, use_cache=False).logits.float()
+        return model.runner(input_ids=ids, use_cache=False).logits.float()
 
 
 def _edit(model, mode: str) -> TrialEdit:
@@ -268,3 +268,99 @@ def test_a_vision_language_output_keeps_its_processor_and_takes_images(
         logits = reloaded(**inputs).logits
     assert torch.isfinite(logits).all()
     assert inputs["pixel_values"].shape[-1] == 32
+
+
+def _mended_llama4_forward(patch: pytest.MonkeyPatch) -> None:
+    """Mend transformers 5.24's Llama4ForConditionalGeneration.forward for a reference: it
+    builds its output from `outputs.image_outputs`, a field the language model's output lacks.
+    With the field read as None, the class computes what it would if its forward worked."""
+    from transformers.modeling_outputs import MoeCausalLMOutputWithPast
+
+    patch.setattr(MoeCausalLMOutputWithPast, "image_outputs", None, raising=False)
+
+
+def test_llama4_vision_language_decodes_as_its_class_and_its_text_model(
+    chat_tokenizer_dir, tmp_path, monkeypatch
+):
+    """Llama 4's vision-language class runs text prompts through its language model: its
+    first-token log-probs and greedy tokens are the class's own (its forward mended), bit for
+    bit, and the text model's (the same weights saved as `llama4_text`): the same tokens, and
+    log-probs up to the rounding of a matrix product whose weights sit at another alignment
+    in memory (each checkpoint's own safetensors offsets)."""
+    from transformers import AutoTokenizer
+
+    from heretic.perplexity import cross_entropy, plain_texts
+
+    torch.set_num_threads(1)
+    tokenizer = AutoTokenizer.from_pretrained(chat_tokenizer_dir)
+    # Weights wide enough that the prompts decode to different tokens (at the default 0.02
+    # every prompt repeats one token).
+    net = tiny_model("llama4", vocab_size=len(tokenizer), initializer_range=0.1)
+    for folder, part in ((tmp_path / "vlm", net), (tmp_path / "text", net.language_model)):
+        part.save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+    model = load_model(str(tmp_path / "vlm"), dtype="float32")
+    text = load_model(str(tmp_path / "text"), dtype="float32")
+    assert type(model.model).__name__ == "Llama4ForConditionalGeneration"
+    assert model.runner is model.model.language_model
+    assert text.model.config.model_type == "llama4_text"
+    assert all(s.name.startswith("language_model.model.layers.") for s in model.sites)
+
+    logprobs = model.first_token_logprobs(PROMPTS, 4)
+    responses = model.generate(PROMPTS, 8, batch_size=4)
+    batch = model.encode(PROMPTS)
+    greedy = model.greedy(8, **batch)
+    torch.testing.assert_close(text.first_token_logprobs(PROMPTS, 4), logprobs)
+    assert torch.equal(text.greedy(8, **batch), greedy)
+    assert text.generate(PROMPTS, 8, batch_size=4) == responses
+    texts = plain_texts(tokenizer, PROMPTS, 16, "the prompts")
+    assert cross_entropy(model, texts, 2).nats == pytest.approx(cross_entropy(text, texts, 2).nats)
+
+    with monkeypatch.context() as patch, torch.inference_mode():
+        _mended_llama4_forward(patch)
+        logits = model.model(**batch, use_cache=False, logits_to_keep=1).logits[:, -1]
+        own = model.model.generate(
+            **batch, max_new_tokens=8, do_sample=False, pad_token_id=tokenizer.pad_token_id
+        )
+    assert torch.equal(torch.log_softmax(logits.float(), dim=-1), logprobs)
+    assert torch.equal(own, greedy)
+    assert len(set(responses)) == len(PROMPTS), responses
+
+
+def test_llama4_vision_language_output_keeps_its_vision_part_and_takes_images(
+    chat_tokenizer_dir, tmp_path, monkeypatch
+):
+    """The merged Llama 4 output loads with Llama4ForConditionalGeneration, its vision tower and
+    projector bit for bit the source's, only the edited tensors changed, and (its forward
+    mended) it reads an image placed at its image tokens."""
+    from transformers import AutoTokenizer, Llama4ForConditionalGeneration
+
+    torch.set_num_threads(1)
+    tokenizer = AutoTokenizer.from_pretrained(chat_tokenizer_dir)
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<|image|>"]})
+    net = tiny_model("llama4", vocab_size=len(tokenizer))
+    net.config.image_token_id = tokenizer.convert_tokens_to_ids("<|image|>")
+    net.save_pretrained(tmp_path / "source")
+    tokenizer.save_pretrained(tmp_path / "source")
+
+    model = load_model(str(tmp_path / "source"), dtype="float32")
+    merge_edit(model.sites, _edit(model, "plain"))
+    write_model_files(model.model, model.tokenizer, tmp_path / "out", model.processor)
+    reloaded = Llama4ForConditionalGeneration.from_pretrained(tmp_path / "out").eval()
+    source = dict(net.named_parameters())
+    edited = {t.name for site in model.sites for t in site.tensors()}
+    for name, param in reloaded.named_parameters():
+        assert torch.equal(param, source[name]) != (name in edited), name
+    assert any(name.startswith("vision_model.") for name in source)
+
+    patches = reloaded.get_image_features(
+        pixel_values=torch.zeros(1, 3, 32, 32), return_dict=True
+    ).last_hidden_state.shape[1]
+    image = torch.tensor([[5] + [net.config.image_token_id] * patches + [6, 7]])
+    pixels = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with monkeypatch.context() as patch, torch.no_grad():
+        _mended_llama4_forward(patch)
+        seen = reloaded(input_ids=image, pixel_values=pixels, use_cache=False).logits
+        unseen = reloaded(input_ids=image, use_cache=False).logits
+    assert torch.isfinite(seen).all()
+    assert not torch.allclose(seen, unseen), "the image changes the logits"

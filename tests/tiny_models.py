@@ -173,6 +173,23 @@ FAMILIES: dict[str, dict[str, Any]] = {
     "lfm2_vl": {"layer_types": ["conv", "full_attention", "conv", "full_attention"]},
     "lfm3": {},
     "llama": {},
+    "llama4": {
+        # the vision-language class (Llama 4 Scout / Maverick): run through its language model
+        # (see discovery.text_runner). Fused experts as wide as the hidden size (their output
+        # axis cannot be read from the shapes), dense and MoE layers interleaved, biased
+        # attention, chunked attention within the prompts' length.
+        "intermediate_size": 64,
+        "intermediate_size_mlp": 96,
+        "interleave_moe_layer_step": 2,
+        "attention_bias": True,
+        "attention_chunk_size": 16,
+        "vision_config": {
+            "intermediate_size": 128,
+            "vision_output_dim": 64,
+            "projector_input_dim": 64,
+            "projector_output_dim": 64,
+        },
+    },
     "llama4_text": {},
     "llava": {},
     "mamba": {},
@@ -214,9 +231,9 @@ FAMILIES: dict[str, dict[str, Any]] = {
     "smolvlm": {},
 }
 """Every family of the architecture matrix, with its own config overrides (`model_type` names
-the transformers model type of a variant)."""
+the transformers model type of a variant, `vision_config` overrides `VISION`)."""
 
-BIASED: set[str] = {"gpt_neox", "gpt_oss", "phi"}
+BIASED: set[str] = {"gpt_neox", "gpt_oss", "llama4", "phi"}
 """Families whose residual writers have biases (checked to be edited with their weights)."""
 
 
@@ -233,10 +250,11 @@ def is_multimodal(family: str) -> bool:
 def tiny_config(family: str, **overrides: Any):
     config_class = CONFIG_MAPPING[model_type(family)]
     own = {k: v for k, v in FAMILIES.get(family, {}).items() if k != "model_type"}
+    vision = {**VISION, **own.pop("vision_config", {})}
     text = {**TEXT, **own, **overrides}
     text["vocab_size_per_layer_input"] = text["vocab_size"]
     if is_multimodal(family):
-        return config_class(text_config=text, vision_config=dict(VISION))
+        return config_class(text_config=text, vision_config=vision)
     return config_class(**text)
 
 
@@ -264,10 +282,11 @@ def tiny_model(family: str, dtype: torch.dtype = torch.float32, **overrides: Any
 
 
 def plain_greedy(model, prompts: list[str], max_new_tokens: int) -> list[str]:
-    """transformers' own greedy decoding of a heretic `Model`: the reference for heretic's."""
+    """transformers' own greedy decoding of a heretic `Model` (by the module that runs its text
+    prompts, `Model.runner`): the reference for heretic's."""
     batch = model.encode(prompts)
     with torch.inference_mode():
-        out = model.model.generate(
+        out = model.runner.generate(
             **batch,
             max_new_tokens=max_new_tokens,
             do_sample=False,

@@ -531,7 +531,7 @@ class Benchmarks:
 
     def _run(self, model, loaded: Mapping[str, Mapping[str, Any]]) -> Results:
         output = evaluate(
-            model.model, model.tokenizer, _merged(list(loaded.values())), self.options
+            model.runner, model.tokenizer, _merged(list(loaded.values())), self.options
         )
         if output is None:
             raise BenchmarkError("lm-eval returned no results (a multi-process launch?).")

@@ -21,6 +21,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from heretic.discovery import text_runner
 from heretic.edit import EditHooks
 from heretic.errors import ModelLoadError
 from heretic.sites import COMPONENTS, EditSite
@@ -59,7 +60,7 @@ def _layer_writes_along(
         handles.append(layer.register_forward_hook(post_hook))
     try:
         with torch.no_grad():
-            model(input_ids=ids, use_cache=False)
+            text_runner(model)(input_ids=ids, use_cache=False)
     finally:
         for handle in handles:
             handle.remove()

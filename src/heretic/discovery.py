@@ -52,6 +52,25 @@ def _text_decoder(model: nn.Module) -> nn.Module:
     return model
 
 
+_TEXT_RUNNERS = {"Llama4ForConditionalGeneration": "language_model"}
+"""Vision-language classes run through their language model (a complete causal LM: embedding,
+decoder, LM head) on text-only prompts, by the attribute that holds it. Only classes whose
+text-only forward is exactly that language model on the same ids, read from transformers' code:
+Llama 4's embeds the ids with the language model's own embedding and passes them on with the
+mask, positions and cache untouched. In transformers 5.24 its forward fails for every input,
+after all layers have run, building its output from a field the language model's output lacks
+(`outputs.image_outputs`). Other classes always run whole."""
+
+
+def text_runner(model: nn.Module) -> nn.Module:
+    """The module that runs a text-only prompt (forward passes and generation): the model
+    itself, or for the classes of `_TEXT_RUNNERS` their language model. The model's own names,
+    weights and saved form stay the whole model's (the output still takes images)."""
+    attribute = _TEXT_RUNNERS.get(type(model).__name__)
+    runner = getattr(model, attribute, None) if attribute else None
+    return runner if isinstance(runner, nn.Module) else model
+
+
 _TOWERS = ("vision", "visual", "audio", "image", "speech")
 
 
@@ -157,7 +176,7 @@ def _run_probe(model: nn.Module, layers: nn.ModuleList, n_tokens: int = 6) -> _P
     try:
         for p in params:
             p.requires_grad_(True)
-        model(input_ids=ids.unsqueeze(0).to(embeddings.weight.device), use_cache=False)
+        text_runner(model)(input_ids=ids.unsqueeze(0).to(embeddings.weight.device), use_cache=False)
     except Exception as e:
         if isinstance(e, torch.OutOfMemoryError):
             raise

@@ -21,7 +21,7 @@ from torch import nn
 
 from heretic.coverage import check_coverage
 from heretic.decoding import Decoding
-from heretic.discovery import find_decoder_layers, find_sites
+from heretic.discovery import find_decoder_layers, find_sites, text_runner
 from heretic.errors import ModelLoadError
 from heretic.layer_outputs import LayerOutputs, last_position
 from heretic.reasoning import Reasoning, ResponseReader, mentions_thinking, open_block
@@ -115,6 +115,12 @@ class Model:
                 "enable_thinking switch, so it would be ignored: unset enable_thinking (use "
                 "response_prefix to steer the thinking instead)."
             )
+        # What runs text-only prompts (Llama 4's vision-language class: its language model,
+        # decoding with the model's generation config, as the model's own `generate` would);
+        # `model` stays what is edited, named and saved.
+        self.runner = text_runner(model)
+        if self.runner is not model:
+            self.runner.generation_config = model.generation_config
         self.layers = find_decoder_layers(model)
         self.sites: list[EditSite] = find_sites(model, self.layers, self.hidden_size)
         check_coverage(model, self.layers, self.sites, self.hidden_size)
@@ -160,7 +166,7 @@ class Model:
         try:
             with torch.inference_mode():
                 ids = torch.tensor([[self.tokenizer.pad_token_id or 0] * 2], device=self.device)
-                self.model(input_ids=ids, use_cache=False)
+                self.runner(input_ids=ids, use_cache=False)
         finally:
             handle.remove()
         return max(1, shapes[0][2:].numel() // self.hidden_size)
@@ -196,13 +202,13 @@ class Model:
                 f"--compile is not supported on a quantized model ({', '.join(self.quantization)}"
                 "): drop --compile."
             )
-        self.model.forward = torch.compile(self.model.forward, dynamic=True)
+        self.runner.forward = torch.compile(self.runner.forward, dynamic=True)
 
     def greedy(self, max_new_tokens: int, **inputs):
         """transformers' `generate`, greedy, with the tokenizer's pad token: the one way the
         search, the chat and the decoders generate (extra keyword arguments pass through:
         input ids, mask, cache, streamer)."""
-        return self.model.generate(
+        return self.runner.generate(
             **inputs,
             max_new_tokens=max_new_tokens,
             do_sample=False,
@@ -355,8 +361,12 @@ class Model:
         return [torch.cat(parts) for parts in out]
 
     def _base_model(self) -> nn.Module:
-        base = getattr(self.model, "base_model", None)
-        return base if isinstance(base, nn.Module) and base is not self.model else self.model
+        """The runner without its LM head where it can go (residual passes need no logits):
+        its base model, or the decoder of a language model that names no base model."""
+        base = getattr(self.runner, "base_model", None)
+        if isinstance(base, nn.Module) and base is not self.runner:
+            return base
+        return self.runner.get_decoder() if self.runner is not self.model else self.runner
 
     @torch.inference_mode()
     def first_token_logprobs(
@@ -386,7 +396,7 @@ class Model:
                     stack.enter_context(self._recording(record))
                 if skip_to >= 0:
                     stack.enter_context(self._replaying(resume, index, skip_to))  # type: ignore[arg-type]
-                logits = self.model(**batch, use_cache=False, logits_to_keep=1).logits[:, -1, :]
+                logits = self.runner(**batch, use_cache=False, logits_to_keep=1).logits[:, -1, :]
             out.append(torch.log_softmax(logits.float(), dim=-1).cpu())
         return torch.cat(out)
 

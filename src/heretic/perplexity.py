@@ -106,7 +106,7 @@ def cross_entropy(
         for j, i in enumerate(batch):
             ids[j, : len(rows[i])] = torch.tensor(rows[i])
             mask[j, : len(rows[i])] = 1
-        logits = model.model(
+        logits = model.runner(
             input_ids=ids.to(model.device), attention_mask=mask.to(model.device), use_cache=False
         ).logits
         for j, i in enumerate(batch):
