@@ -107,8 +107,8 @@ def test_a_layer_that_rescales_its_residual_is_refused():
 
 
 def test_a_layer_that_adds_its_normalized_residual_is_refused():
-    """The per-channel gain would pass the coverage check (its probes are coordinate axes), so
-    discovery must name it."""
+    """Discovery names the norm whose per-channel gain it adds (the coverage check sees the
+    leak too, test_coverage, but cannot say where it comes from)."""
     model = tiny_model("llama", num_hidden_layers=2)
     layers = find_decoder_layers(model)
     layers[1] = _NormalizedSkip(layers[1])

@@ -13,8 +13,8 @@ layer adds its own residual rescaled per channel by g. A residual free of r is n
 after that gain, whatever is done to the writers. The tests show both halves: discovery refuses
 naming the LAuReL block and the norm, and projecting every writer off r leaves r in the streams
 unless the gain is made uniform (which also shows those four are all the other writers). The
-coverage check alone would not see it: its probes are coordinate axes, which an elementwise gain
-keeps at zero.
+coverage check, given those four writers as sites, sees it too: not through its coordinate axes,
+which an elementwise gain keeps at zero, but through its random direction.
 """
 
 from __future__ import annotations
@@ -23,8 +23,10 @@ import pytest
 import torch
 from tiny_models import tiny_model
 
+from heretic.coverage import check_coverage
 from heretic.discovery import discover_sites
 from heretic.errors import ModelLoadError
+from heretic.sites import ATTN, MLP, EditSite, WriterTensor
 
 GEMMA3N = dict(
     layer_types=["sliding_attention", "full_attention", "sliding_attention", "full_attention"],
@@ -119,3 +121,33 @@ def test_the_laurel_skip_keeps_a_direction_no_edit_of_the_writers_removes():
         for layer in model.model.layers:
             layer.input_layernorm.weight.fill_(float(layer.input_layernorm.weight.mean()))
     assert float((_kept_along(model, r, edit=True) / _kept_along(model, r, False)).max()) < 1e-5
+
+
+def _hand_made_sites(model) -> list[EditSite]:
+    """The four writers of every layer as edit sites, with their post-norms' gains (discovery
+    refuses the model, so the coverage check gets them by hand)."""
+    names = {id(module): name for name, module in model.named_modules()}
+    sites = []
+    for index, layer in enumerate(model.model.layers):
+        for writer, norm in _writers(layer):
+            name = names[id(writer)]
+            component = ATTN if writer is layer.self_attn.o_proj else MLP
+            weights = [WriterTensor(f"{name}.weight", writer.weight, out_axis=0)]
+            gain = norm.weight.detach().float()
+            sites.append(EditSite(index, component, name, writer, weights, gain=gain))
+    return sites
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_coverage_check_sees_the_laurel_gain(dtype):
+    torch.set_num_threads(1)
+    model = tiny_model("gemma3n_text", dtype=dtype, **GEMMA3N)
+    layers = model.model.layers
+    with pytest.raises(
+        ModelLoadError, match=r"layer 0 \(Gemma3nTextDecoderLayer\) keeps .* random"
+    ):
+        check_coverage(model, layers, _hand_made_sites(model), 64)
+    with torch.no_grad():
+        for layer in layers:
+            layer.input_layernorm.weight.fill_(float(layer.input_layernorm.weight.float().mean()))
+    check_coverage(model, layers, _hand_made_sites(model), 64)

@@ -263,8 +263,9 @@ def normalized_residual(
     The norm's output is `g * x / rms(x)`: the residual rescaled per channel by the gain g. A
     residual free of a direction r is not free of it after an elementwise gain (unless g is
     uniform), and no edit of the writers reaches it, so such a layer cannot be edited
-    completely. The coverage check cannot see it: its probes are coordinate axes, which an
-    elementwise gain keeps at zero."""
+    completely. The coverage check's random-direction probe sees it too (its coordinate axes
+    cannot: an elementwise gain keeps a zero coordinate at zero), but only as a share of r
+    kept; this names the norm."""
     stack, seen = [(fn, None)], set()
     while stack:
         node, via = stack.pop()
