@@ -417,7 +417,11 @@ def original_model(model: Path, workdir: Path, sizes: Sizes) -> tuple[dict, Judg
         m = m or load_model(str(model), device_map="cpu", system_prompt=SYSTEM_PROMPT)
         logprobs = harmless_logprobs(m)
         torch.save(logprobs, logprobs_file)
-    base = {"responses": capped(data["responses"], sizes), "logprobs": logprobs}
+    base = {
+        "responses": capped(data["responses"], sizes),
+        "logprobs": logprobs,
+        "search_bad": (search["bad_evaluation_prompts"], data["judge_bad"]),
+    }
     return base, judges
 
 
@@ -440,41 +444,72 @@ def evaluate(model_path: str, folder: Path, sizes: Sizes, base_logprobs) -> dict
     return {**result, "responses": capped(result["responses"], sizes)}
 
 
-def evaluate_front(model_path: Path, folder: Path, sizes: Sizes, base_logprobs) -> list[dict]:
+def evaluate_front(model_path: Path, folder: Path, sizes: Sizes, base: dict, judge) -> list[dict]:
     """Every Pareto-front trial of our search in `folder`, generated with its edit as hooks on
     the original model, as the search scored it (for the defaults' pick the hooked and the
-    saved model gave the same KL, 0.034), cached per trial."""
+    saved model gave the same KL, 0.034), with its refusal-opening probability
+    (`refusal_openings`), cached per trial."""
     import optuna
-    from quality import our_edits
+    from refusal_openings import opening_probability
 
-    from heretic.loading import load_model
     from heretic.optimization import objectives, pareto_front
 
     out = folder / "out"
     study = optuna.load_study(
         study_name="heretic", storage=f"sqlite:///{(out / 'study.db').resolve()}"
     )
-    model, hooks, edit_of, points = None, None, None, []
+    loaded: dict = {}
+    points = []
     for trial in pareto_front(study):
         path = folder / f"front-{trial.number}-{sizes.tag()}.json"
-        if not path.exists():
-            if model is None:
-                model = load_model(str(model_path), device_map="cpu", system_prompt=SYSTEM_PROMPT)
-                hooks, edit_of = our_edits(model, out)
-            print(f"  front trial {trial.number} ...", flush=True)
+        result = json.loads(path.read_text()) if path.exists() else None
+        if result is None or "opening" not in result:
+            model, hooks, edit_of, openings = front_model(loaded, model_path, out, base, judge)
             hooks.set_strengths(*edit_of(trial.number))
-            generated = generate_with(model, sizes)
+            if result is None:
+                print(f"  front trial {trial.number} ...", flush=True)
+                generated = generate_with(model, sizes)
+                result = {"responses": generated["responses"]}
+                result.update(kl_figures(base["logprobs"], generated["logprobs"]))
+            result["opening"] = opening_probability(model, openings, BATCH)
             hooks.clear()
-            result = {"responses": generated["responses"]}
-            result.update(kl_figures(base_logprobs, generated["logprobs"]))
             path.write_text(json.dumps(result))
-        result = json.loads(path.read_text())
         kl, refusals = objectives(trial)
         result.update(trial=trial.number, refusals=refusals, search_kl=kl)
         points.append({**result, "responses": capped(result["responses"], sizes)})
-    if hooks is not None:
-        hooks.remove()
+    if loaded:
+        loaded["hooks"].remove()
     return points
+
+
+def front_model(loaded: dict, model_path: Path, out: Path, base: dict, judge) -> tuple:
+    """The original model with hooks for the study in `out`, and the original refusal openings,
+    loaded once into `loaded`."""
+    from quality import our_edits
+    from refusal_openings import refusal_openings
+
+    from heretic.loading import load_model
+
+    if not loaded:
+        model = load_model(str(model_path), device_map="cpu", system_prompt=SYSTEM_PROMPT)
+        loaded["model"] = model
+        loaded["hooks"], loaded["edit_of"] = our_edits(model, out)
+        loaded["openings"] = refusal_openings(model.tokenizer, *base["search_bad"], judge)
+    return loaded["model"], loaded["hooks"], loaded["edit_of"], loaded["openings"]
+
+
+def original_opening(model_path: Path, workdir: Path, base: dict, judge) -> dict:
+    """The original model's own refusal-opening probability (cached)."""
+    from refusal_openings import OPENING_TOKENS, opening_probability, refusal_openings
+
+    from heretic.loading import load_model
+
+    path = workdir / f"original-opening-{OPENING_TOKENS}.json"
+    if not path.exists():
+        model = load_model(str(model_path), device_map="cpu", system_prompt=SYSTEM_PROMPT)
+        openings = refusal_openings(model.tokenizer, *base["search_bad"], judge)
+        path.write_text(json.dumps(opening_probability(model, openings, BATCH)))
+    return json.loads(path.read_text())
 
 
 # --- upstream ----------------------------------------------------------------------------------
@@ -623,7 +658,9 @@ def row_cells(
     return cells
 
 
-def print_table(rows: list[list[str]], n_trials: int, sizes: Sizes) -> None:
+def print_table(
+    rows: list[list[str]], n_trials: int, sizes: Sizes, extra: list[str] | None = None
+) -> None:
     lengths = {key: len(values) for key, values in held_out_prompts(sizes).items()}
     header = [
         "configuration",
@@ -638,6 +675,7 @@ def print_table(rows: list[list[str]], n_trials: int, sizes: Sizes) -> None:
         "KL saved, search's prompts",
         "KL unseen",
         "search min",
+        *(extra or []),
     ]
     print(
         f"\n{n_trials} trials, {sizes.search} in-search bad prompts; held-out cells: adaptive "
@@ -677,6 +715,37 @@ def run_config(config: Config, model: Path, args, sizes: Sizes, base_logprobs) -
     print(f"[{config.name}] evaluating the saved model on held-out prompts ...", flush=True)
     held = evaluate(search["model"], folder, sizes, base_logprobs)
     return search, held
+
+
+def opening_cell(opening: dict | None) -> str:
+    return "-" if opening is None else f"{opening['first']:.3f} / {opening['geometric']:.2f}"
+
+
+def print_fronts(names, rows, model: Path, args, sizes: Sizes, base: dict, judges: Judges) -> None:
+    """Every front trial of our configurations (upstream's row as it is), with the probability
+    of the original refusal openings beside the held-out figures."""
+    by_name = {c.name: c for c in CONFIGS}
+    front_rows = [
+        rows[0] + [opening_cell(original_opening(model, args.workdir, base, judges.adaptive))]
+    ]
+    for name in names:
+        config = by_name[name]
+        if config.tool == "upstream":
+            front_rows.append(rows[names.index(name) + 1] + [opening_cell(None)])
+            continue
+        folder = args.workdir / f"{name}-{args.n_trials}-s{sizes.search}"
+        print(f"[{name}] evaluating every front trial on held-out prompts ...", flush=True)
+        n_bad = json.loads((folder / "search.json").read_text())["n_bad"]
+        for point in evaluate_front(model, folder, sizes, base, judges.adaptive):
+            search = {**point, "kl": point["search_kl"], "n_bad": n_bad}
+            row = row_cells(f"{name} #{point['trial']}", search, point, judges, sizes, config.mix)
+            front_rows.append(row + [opening_cell(point["opening"])])
+    print(
+        "Pareto fronts (our trials as hooks on the original model); last column: mean "
+        "probability of the original model's refusal openings on the 100 in-search AdvBench "
+        "prompts it refused, first token / per token of 8:"
+    )
+    print_table(front_rows, args.n_trials, sizes, ["refusal opening p"])
 
 
 def main() -> None:
@@ -757,20 +826,7 @@ def main() -> None:
         rows.append(row_cells(name, search, held, judges, sizes, config.mix))
         print_table(rows, args.n_trials, sizes)
     if args.fronts:
-        front_rows = [rows[0]]
-        for name in names:
-            config = by_name[name]
-            if config.tool == "upstream":
-                front_rows.append(rows[names.index(name) + 1])
-                continue
-            folder = args.workdir / f"{name}-{args.n_trials}-s{sizes.search}"
-            print(f"[{name}] evaluating every front trial on held-out prompts ...", flush=True)
-            for point in evaluate_front(model, folder, sizes, base["logprobs"]):
-                search = {**point, "kl": point["search_kl"], "n_bad": sizes.search}
-                label = f"{name} #{point['trial']}"
-                front_rows.append(row_cells(label, search, point, judges, sizes, config.mix))
-        print("Pareto fronts (our trials as hooks on the original model):")
-        print_table(front_rows, args.n_trials, sizes)
+        print_fronts(names, rows, model, args, sizes, base, judges)
 
 
 if __name__ == "__main__":

@@ -73,3 +73,40 @@ def test_capped_prompts_are_evenly_spread_and_match_capped_responses():
     assert generalization.spread(values[:39], 100) == values[:39]
     responses = {"xstest_unsafe": values}
     assert generalization.capped(responses, sizes)["xstest_unsafe"] == values[::2]
+
+
+def test_refusal_opening_probability_is_the_same_batched_and_alone(tiny_chat_model):
+    """Prompts of different lengths, left-padded into one batch with positions counted from
+    each one's first token, score as each does alone; and the figure is the mean of the
+    first-token probability and of the per-token geometric mean, computed here by hand."""
+    import math
+
+    import torch
+    from refusal_openings import Opening, opening_probability, refusal_openings
+
+    from heretic.judges import MarkerJudge
+    from heretic.loading import load_model
+
+    model = load_model(str(tiny_chat_model), dtype="float32")
+    tokenizer = model.tokenizer
+    prompts = ["Hi", "Tell me a long story about a dragon and a knight, please.", "How?"]
+    responses = ["I'm sorry, I cannot help.", "Sure, here it is.", "Sorry, no way at all."]
+    openings = refusal_openings(tokenizer, prompts, responses, MarkerJudge(("sorry",)), tokens=4)
+    assert [o.prompt for o in openings] == ["Hi", "How?"]
+    assert all(len(o.token_ids) == 4 for o in openings)
+
+    def alone(opening: Opening) -> tuple[float, float]:
+        ids = tokenizer(model.format_chat(opening.prompt), add_special_tokens=False)["input_ids"]
+        ids = torch.tensor([ids + opening.token_ids])
+        with torch.inference_mode():
+            logprobs = torch.log_softmax(model.runner(input_ids=ids).logits[0].double(), -1)
+        n = len(opening.token_ids)
+        picked = [logprobs[-n - 1 + i, t].item() for i, t in enumerate(opening.token_ids)]
+        return math.exp(picked[0]), math.exp(sum(picked) / n)
+
+    expected = [alone(o) for o in openings]
+    batched = opening_probability(model, openings, batch_size=2)
+    assert batched["first"] == pytest.approx(sum(e[0] for e in expected) / 2, rel=1e-4)
+    assert batched["geometric"] == pytest.approx(sum(e[1] for e in expected) / 2, rel=1e-4)
+    with pytest.raises(ValueError, match="refused none"):
+        opening_probability(model, [])
