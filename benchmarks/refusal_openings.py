@@ -38,41 +38,23 @@ def refusal_openings(
 
 def opening_probability(model, openings: Sequence[Opening], batch_size: int = 32) -> dict:
     """Mean over `openings` of the probability of the opening's first token, and of the
-    geometric mean of its tokens' probabilities, under `model` as it is now (hooks included).
-
-    Each prompt is formatted as the run formats it and followed by its opening; sequences are
-    left-padded, with positions counted from each sequence's first real token so that padding
-    does not shift them."""
-    import torch
+    geometric mean of its tokens' probabilities, under `model` as it is now (hooks included):
+    each prompt formatted as the run formats it, then its opening, scored by heretic's own
+    teacher-forced pass (`perplexity.target_logprobs`)."""
+    from heretic.perplexity import TokenTexts, target_logprobs
 
     if not openings:
         raise ValueError("no refusal openings to score: the original model refused none")
-    tokenizer = model.tokenizer
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    texts = TokenTexts(
+        contexts=[
+            model.tokenizer(model.format_chat(o.prompt), add_special_tokens=False)["input_ids"]
+            for o in openings
+        ],
+        targets=[list(o.token_ids) for o in openings],
+        description="refusal openings",
+    )
     first, geometric = [], []
-    with torch.inference_mode():
-        for start in range(0, len(openings), batch_size):
-            batch = openings[start : start + batch_size]
-            ids = [
-                tokenizer(model.format_chat(o.prompt), add_special_tokens=False)["input_ids"]
-                + o.token_ids
-                for o in batch
-            ]
-            width = max(len(x) for x in ids)
-            input_ids = torch.tensor([[pad] * (width - len(x)) + x for x in ids])
-            mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in ids])
-            positions = (mask.cumsum(-1) - 1).clamp(min=0)
-            logits = model.runner(
-                input_ids=input_ids.to(model.device),
-                attention_mask=mask.to(model.device),
-                position_ids=positions.to(model.device),
-                use_cache=False,
-            ).logits
-            logprobs = torch.log_softmax(logits.float(), dim=-1).cpu()
-            for row, opening in enumerate(batch):
-                n = len(opening.token_ids)
-                predicted = logprobs[row, width - n - 1 : width - 1]
-                token_logprobs = predicted.gather(1, torch.tensor(opening.token_ids)[:, None])[:, 0]
-                first.append(math.exp(token_logprobs[0].item()))
-                geometric.append(math.exp(token_logprobs.mean().item()))
+    for _, logprobs in target_logprobs(model, texts, batch_size):
+        first.append(math.exp(logprobs[0].item()))
+        geometric.append(math.exp(logprobs.mean().item()))
     return {"first": sum(first) / len(first), "geometric": sum(geometric) / len(geometric)}

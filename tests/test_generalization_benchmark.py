@@ -76,9 +76,9 @@ def test_capped_prompts_are_evenly_spread_and_match_capped_responses():
 
 
 def test_refusal_opening_probability_is_the_same_batched_and_alone(tiny_chat_model):
-    """Prompts of different lengths, left-padded into one batch with positions counted from
-    each one's first token, score as each does alone; and the figure is the mean of the
-    first-token probability and of the per-token geometric mean, computed here by hand."""
+    """Prompts of different lengths, padded into one batch, score as each does alone; and the
+    figure is the mean of the first-token probability and of the per-token geometric mean,
+    computed here by hand."""
     import math
 
     import torch

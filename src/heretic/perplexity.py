@@ -15,7 +15,7 @@ that text alone (no position ids needed, whatever the architecture).
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -84,21 +84,19 @@ def _batches(lengths: Sequence[int], batch_size: int, vocab: int) -> list[list[i
 
 
 @torch.inference_mode()
-def cross_entropy(
+def target_logprobs(
     model,
     texts: TokenTexts,
     batch_size: int,
     progress: Callable[[int], None] | None = None,
-) -> CrossEntropy:
-    """Mean cross-entropy of every target token given its context and the tokens before it,
-    under the model as it is now (with whatever edit is switched on). Log-probabilities are
-    taken in float32 (float64 for a float64 model) and summed in float64."""
-    if texts.n_tokens == 0:
-        raise ValueError("no tokens to score")
+) -> Iterator[tuple[int, torch.Tensor]]:
+    """Per sequence (its index, in batches of similar length), the log-probability of every
+    target token given its context and the tokens before it, under the model as it is now (with
+    whatever edit is switched on): float32 (float64 for a float64 model), on the CPU. Rows are
+    right-padded, so no position moves."""
     rows = [c + t for c, t in zip(texts.contexts, texts.targets, strict=True)]
     vocab = int(model.model.config.get_text_config().vocab_size)
     pad = model.tokenizer.pad_token_id
-    total = torch.zeros((), dtype=torch.float64)
     for batch in _batches([len(r) for r in rows], batch_size, vocab):
         width = max(len(rows[i]) for i in batch)
         ids = torch.full((len(batch), width), pad, dtype=torch.long)
@@ -111,14 +109,26 @@ def cross_entropy(
         ).logits
         for j, i in enumerate(batch):
             start, end = len(texts.contexts[i]), len(rows[i])
-            if end == start:
-                continue
             predicted = logits[j, start - 1 : end - 1]
             dtype = torch.promote_types(predicted.dtype, torch.float32)
             logprobs = torch.log_softmax(predicted.to(dtype), dim=-1)
-            target = torch.tensor(texts.targets[i], device=logprobs.device)
-            picked = logprobs.gather(-1, target[:, None]).squeeze(-1)
-            total -= picked.to(torch.float64).sum().cpu()
+            target = torch.tensor(texts.targets[i], device=logprobs.device, dtype=torch.long)
+            yield i, logprobs.gather(-1, target[:, None]).squeeze(-1).cpu()
         if progress:
             progress(len(batch))
+
+
+def cross_entropy(
+    model,
+    texts: TokenTexts,
+    batch_size: int,
+    progress: Callable[[int], None] | None = None,
+) -> CrossEntropy:
+    """Mean cross-entropy of every target token given its context and the tokens before it
+    (`target_logprobs`), summed in float64."""
+    if texts.n_tokens == 0:
+        raise ValueError("no tokens to score")
+    total = torch.zeros((), dtype=torch.float64)
+    for _, picked in target_logprobs(model, texts, batch_size, progress):
+        total -= picked.to(torch.float64).sum()
     return CrossEntropy(float(total) / texts.n_tokens, texts.n_tokens)
