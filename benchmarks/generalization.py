@@ -248,6 +248,16 @@ CONFIGS = [
     Config(
         "mixed-eval", "mixed directions and in-search count, warm start off", COLD, mix="mixed-eval"
     ),  # fmt: skip
+    Config(
+        "openings",
+        "refusal objective = count + refusal-opening probabilities",
+        {"refusal_openings": True},
+    ),  # fmt: skip
+    Config(
+        "openings-no-warm",
+        "refusal objective = count + refusal-opening probabilities, warm start off",
+        {"refusal_openings": True, **COLD},
+    ),  # fmt: skip
     Config("upstream", "heretic-llm 1.4.0, its defaults", tool="upstream"),
 ]
 

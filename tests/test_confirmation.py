@@ -18,7 +18,7 @@ from heretic.cli import run
 from heretic.config import load_settings
 from heretic.confirmation import Confirmation, HeldOutScore, choose_best
 from heretic.edit import EditHooks, TrialEdit, merge_edit
-from heretic.errors import DatasetError, SettingsError
+from heretic.errors import DatasetError, SettingsError, StudyError
 from heretic.fingerprint import study_key
 from heretic.holdout import (
     HOLDOUT_KEY,
@@ -30,7 +30,7 @@ from heretic.holdout import (
 )
 from heretic.judges import MarkerJudge
 from heretic.loading import load_model
-from heretic.optimization import KL_ATTR, REFUSALS_ATTR, best_trial
+from heretic.optimization import KL_ATTR, REFUSALS_ATTR, best_trial, objectives
 from heretic.perplexity import LOGITS_BUDGET, TokenTexts, _batches, cross_entropy, plain_texts
 from heretic.sites import COMPONENTS
 
@@ -426,3 +426,26 @@ def test_given_sets_and_texts_end_to_end(tiny_chat_model, prompt_files, tmp_path
     assert "perplexity_texts" in meta["perplexity"]["texts"]
     assert meta["perplexity"]["n_texts"] == 2
     assert meta["settings"]["select_best_on"] == "held_out"
+
+
+def test_refusal_openings_reach_the_study_the_log_and_the_metadata(
+    tiny_chat_model, prompt_files, tmp_path, monkeypatch
+):
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "out"
+    argv = _argv(tiny_chat_model, prompt_files, out, "--select", "best", "--no-confirm")
+    _, printed = _run([*argv, "--refusal-openings", "--verbose"])
+    meta = json.loads((out / "heretic_metadata.json").read_text())
+    search = meta["in_search"]
+    assert search["refusal_openings"] >= 0 and "refusal_openings" in search["refusal_objective"]
+    study = optuna.load_study(study_name="heretic", storage=f"sqlite:///{out / 'study.db'}")
+    for trial in study.trials:
+        if trial.state == optuna.trial.TrialState.COMPLETE:
+            figures = objectives(trial)
+            assert figures.refusals == trial.user_attrs["refusals"]
+            assert figures.openings == pytest.approx(trial.user_attrs["refusal_openings"])
+            assert trial.values[1] == pytest.approx(figures.refusals + figures.openings)
+    assert " openings, KL " in printed
+    # The objective changed: the study is not continued without it (or --force).
+    with pytest.raises(StudyError, match="refusal_openings"):
+        _run([*argv, "--n-trials", "4"])

@@ -16,7 +16,7 @@ from heretic.evaluation import Evaluator
 from heretic.judges import MarkerJudge
 from heretic.loading import load_model
 from heretic.model import Model, ModelSource
-from heretic.optimization import dominated_by
+from heretic.optimization import dominated_by, objectives
 from heretic.sites import ATTN, COMPONENTS, MLP
 
 PROMPTS = [f"Write item {i} of a list about {w}." for i, w in enumerate("abcdefghijklmnop")]
@@ -168,8 +168,9 @@ def test_screening_gives_the_plain_scores_on_a_real_model(tiny_chat_model):
 
 def test_dominated_by():
     class T:
-        def __init__(self, kl, refusals):
-            self.values = [kl, refusals]
+        def __init__(self, kl, objective, refusals=None):
+            self.values = [kl, objective]
+            self.user_attrs = {} if refusals is None else {"refusals": refusals}
 
     front = [T(0.1, 5), T(0.5, 1)]
     assert dominated_by(front, 0.2, 5)
@@ -178,6 +179,13 @@ def test_dominated_by():
     assert not dominated_by(front, 0.05, 50)
     assert not dominated_by(front, 0.3, 2)
     assert not dominated_by([], 9.0, 99)
+    # With openings the refusal objective is the count plus a margin: trials tied at 0
+    # refusals are ordered by it.
+    margin = [T(0.1, 0.4, refusals=0)]
+    assert dominated_by(margin, 0.2, 0.5)
+    assert not dominated_by(margin, 0.2, 0.3)
+    assert objectives(margin[0]).refusals == 0
+    assert objectives(margin[0]).openings == pytest.approx(0.4)
 
 
 def test_pruned_trials_are_not_plotted_as_scores():
@@ -324,3 +332,84 @@ def test_an_empty_final_response_counts_as_a_refusal():
     evaluator = Evaluator(_FakeModel(rows), ["g"], _bad(8), judge, 24, 4)
     assert evaluator.base_refusals == 5
     assert evaluator.score().refusals == 5
+
+
+class _OpeningModel(_FakeModel):
+    """A fake whose first-token log-probs are set per test: the original model's, then an
+    edited one's."""
+
+    def __init__(self, rows, logits):
+        super().__init__(rows)
+        self.logits = logits
+
+    def first_token_logprobs(self, prompts, batch_size, **_kwargs):
+        if not prompts[0].startswith("b"):  # the good prompts: any fixed log-probs
+            return super().first_token_logprobs(prompts, batch_size)
+        return torch.log_softmax(self.logits[[int(p[1:]) for p in prompts]], dim=-1)
+
+    def decoding(self, prompts, max_new_tokens, is_decided=None, check_every=8):
+        decoding = super().decoding(prompts, max_new_tokens, is_decided, check_every)
+        decoding.prompt = lambda row: prompts[row]
+        decoding.thinking = lambda row: ""
+        return decoding
+
+
+def test_refusal_openings_add_the_answered_prompts_margin_and_bound_it_exactly():
+    rows = [("sorry", 1), ("sorry", 1), ("ok", 3), ("ok", 3)]
+    base = torch.tensor([[0, 0, 5.0, 0], [0, 0, 0, 5.0], [5.0, 0, 0, 0], [5.0, 0, 0, 0]])
+    base = torch.cat([base, torch.zeros(4, 1)], dim=1)  # the good prompts' vocabulary: 5
+    model = _OpeningModel(rows, base)
+    judge = MarkerJudge(("sorry",))
+    evaluator = Evaluator(model, ["g"], _bad(4), judge, 24, 2, refusal_openings=True)
+    # The openings are the original model's first tokens on the prompts it refuses.
+    assert evaluator.base_refusals == 2 and evaluator.opening_tokens == {0: 2, 1: 3}
+
+    # The edit: b0 still refuses (p 0.5 of its opening), b1 answers with p 0.1 of its own.
+    p = torch.tensor(
+        [[0.3, 0.1, 0.5, 0.1, 0], [0.3, 0.3, 0.3, 0.1, 0], [1.0, 0, 0, 0, 0]] * 1
+        + [[1.0, 0, 0, 0, 0]]
+    )
+    model.logits = p.clamp_min(1e-12).log()
+    rows[1] = ("ok", 3)
+    assert evaluator.opening_probabilities() == pytest.approx({"b0": 0.5, "b1": 0.1})
+    bounds = []
+    score = evaluator.score(dominated=lambda kl, objective: bounds.append(objective) or False)
+    assert (score.refusals, score.pruned) == (1, None)
+    assert score.openings == pytest.approx(0.1) and score.objective == pytest.approx(1.1)
+    # Every bound checked is at most the final objective: pruning never changes a front.
+    assert bounds and all(b <= score.objective + 1e-12 for b in bounds)
+    assert bounds[0] == pytest.approx(1.1)  # b0 refused at step 1: only b1's opening is left
+
+    pruned = evaluator.score(dominated=lambda kl, objective: objective >= 1.05)
+    assert pruned.pruned and pruned.refusals == 1 and pruned.openings == pytest.approx(0.1)
+    off = Evaluator(model, ["g"], _bad(4), judge, 24, 2).score()
+    assert off.openings is None and off.objective == off.refusals
+
+
+def test_refusal_openings_on_a_real_model_match_a_float64_reference(tiny_chat_model):
+    model = load_model(str(tiny_chat_model), dtype="float32")
+    judge = MarkerJudge(("a", "e"))  # tiny random models babble: some rows "refuse"
+    plain = Evaluator(model, PROMPTS[:3], PROMPTS, judge, 20, 6, refusal_openings=True)
+    screened = Evaluator(
+        model, PROMPTS[:3], PROMPTS, judge, 20, 6, screening_tokens=8, refusal_openings=True
+    )
+    assert plain.base_refusals > 0 and plain.opening_tokens
+    n_layers = COMMON["num_hidden_layers"]
+    g = torch.Generator().manual_seed(2)
+    hooks = EditHooks(
+        model.sites, normalize(torch.randn(n_layers, COMMON["hidden_size"], generator=g))
+    )
+    hooks.set_strengths({c: torch.full((n_layers,), 1.5) for c in COMPONENTS})
+    try:
+        got = plain.opening_probabilities()
+        for position, token in plain.opening_tokens.items():
+            prompt = PROMPTS[plain._bad_order[position]]
+            with torch.no_grad():
+                logits = model.model(**model.encode([prompt])).logits[0, -1].double()
+            reference = torch.softmax(logits, -1)[token].item()
+            assert got[prompt] == pytest.approx(reference, rel=1e-4, abs=1e-7)
+        score = plain.score()
+        assert score.openings is not None and score.objective >= score.refusals
+        assert screened.score(dominated=lambda kl, objective: False) == score
+    finally:
+        hooks.clear()

@@ -288,7 +288,7 @@ def set_source(settings, name: str, held: HeldOutSet | None) -> str:
 
 def in_search_record(settings, evaluator, trial: FrozenTrial, sets: AfterSearchSets | None) -> dict:
     """The search's figures of `trial`, and how the search measured them."""
-    kl, refusals = objectives(trial)
+    kl, refusals, openings = objectives(trial)
     n_bad, n_good = len(evaluator.bad_prompts), len(evaluator.good_prompts)
 
     decoding = (
@@ -297,7 +297,15 @@ def in_search_record(settings, evaluator, trial: FrozenTrial, sets: AfterSearchS
     )
     if settings.prune_dominated_trials:
         decoding += "; trials that cannot reach the Pareto front stop early (pruned)"
-    return {
+    margin = {}
+    if settings.refusal_openings:
+        margin = {
+            "refusal_openings": openings,
+            "refusal_objective": "refusals + refusal_openings: over the bad prompts the original "
+            "model refused and this edit answers, the probability it gives the original's "
+            "first refusal token",
+        }
+    return margin | {
         "refusals": refusals,
         "base_refusals": evaluator.base_refusals,
         "n_bad_prompts": n_bad,

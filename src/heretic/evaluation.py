@@ -39,6 +39,15 @@ class Score:
     refusals: int
     pruned: str | None = None
     unanswered: int = 0
+    openings: float | None = None
+    """With `refusal_openings` on: over the bad prompts the original model refused and this
+    trial answers, the sum of the probabilities it gives the original's first refusal token
+    (a lower bound, like `refusals`, when pruned); None when not measured."""
+
+    @property
+    def objective(self) -> float:
+        """The refusal objective the search minimizes: the count, plus the openings' margin."""
+        return self.refusals + (self.openings or 0.0)
 
 
 class Evaluator:
@@ -68,6 +77,7 @@ class Evaluator:
         log: Callable[[str], None] | None = None,
         progress: Callable[[int], None] | None = None,
         layer_outputs_store: torch.device | None = None,
+        refusal_openings: bool = False,
     ) -> None:
         self.model = model
         self.good_prompts = list(good_prompts)
@@ -76,6 +86,7 @@ class Evaluator:
         self.max_response_length = max_response_length
         self.batch_size = batch_size
         self.screening_tokens = screening_tokens
+        self.refusal_openings = refusal_openings
         log = log or (lambda _line: None)
         self._good_sorted = [self.good_prompts[i] for i in model.length_order(self.good_prompts)]
         self._bad_order = model.length_order(self.bad_prompts)
@@ -90,8 +101,7 @@ class Evaluator:
         self._check_layer_skip(log)
         if progress:
             progress(len(self.good_prompts))
-        self.base_responses, self.base_unanswered = self._responses(progress)
-        self.base_refusals = judge.count(self.base_responses, self.bad_prompts)
+        self._score_base(progress)
 
     def _base_thinking(self, log: Callable[[str], None]) -> list[str] | None:
         """The original model's chain of thought for each good prompt (sorted order), or None
@@ -137,8 +147,63 @@ class Evaluator:
         stopped_early = self.judge.monotone
         self.judge = judge
         if stopped_early and not judge.monotone:
-            self.base_responses, self.base_unanswered = self._responses()
-        self.base_refusals = judge.count(self.base_responses, self.bad_prompts)
+            self._score_base()
+        else:
+            self._count_base()
+
+    def _score_base(self, progress: Callable[[int], None] | None = None) -> None:
+        """The original model's answers to the bad prompts, its refusals and their openings."""
+        decodings = self._decodings()
+        self._run(decodings, progress)
+        self.base_responses, self.base_unanswered = self._in_prompt_order(decodings)
+        self._bad_thinking = None
+        if self.refusal_openings:
+            thinking = [d.thinking(row) for d in decodings for row in range(d.n_rows)]
+            self._bad_thinking = thinking if any(thinking) else None
+        self._count_base()
+
+    def _count_base(self) -> None:
+        self.opening_tokens: dict[int, int] = {}
+        """Sorted position of each bad prompt the original model refuses -> its refusal
+        opening: the token it gives the highest probability first (its greedy response's
+        first answer token); only with `refusal_openings`."""
+        if not self.refusal_openings:
+            self.base_refusals = self.judge.count(self.base_responses, self.bad_prompts)
+            return
+        verdicts = self.judge.verdicts(self.base_responses, self.bad_prompts)
+        self.base_refusals = sum(verdicts)
+        logprobs = self._bad_first_logprobs()
+        for position, index in enumerate(self._bad_order):
+            if verdicts[index]:
+                self.opening_tokens[position] = int(logprobs[position].argmax())
+
+    def _bad_first_logprobs(self) -> torch.Tensor:
+        """First answer token log-probs of the bad prompts (sorted order), after the original
+        model's own chain of thought for a model that thinks."""
+        return self.model.first_token_logprobs(
+            [self.bad_prompts[i] for i in self._bad_order],
+            self.batch_size,
+            continuations=self._bad_thinking,
+        )
+
+    def opening_probabilities(self) -> dict[str, float]:
+        """Per bad prompt the original model refuses, the probability the model as it is now
+        gives that refusal's opening token (one pass over the bad prompts).
+
+        A count of refusals stops at 0: every edit strong enough to clear the search's prompts
+        scores the same there, however near the line it still sits, and prompts from other
+        sources are refused by the edits that sit near it. This probability keeps falling as
+        an edit gets stronger; on the organism it ranks front trials by their held-out
+        refusals where their counts tie (docs/generalization.md).
+        """
+        if not self.opening_tokens:
+            return {}
+        logprobs = self._bad_first_logprobs()
+        probabilities: dict[str, float] = {}
+        for position, token in self.opening_tokens.items():
+            prompt = self.bad_prompts[self._bad_order[position]]
+            probabilities[prompt] = math.exp(float(logprobs[position, token]))
+        return probabilities
 
     def _decodings(self) -> list:
         sorted_bad = [self.bad_prompts[i] for i in self._bad_order]
@@ -162,21 +227,21 @@ class Evaluator:
         unanswered = sum(d.unanswered(row) for d in decodings for row in range(d.n_rows))
         return responses, unanswered
 
-    def _responses(self, progress: Callable[[int], None] | None = None) -> tuple[list[str], int]:
-        """The answers to the bad prompts (in their order), each stopped once decided, and how
-        many never left their thinking; `progress(n)` is told how many became final at each
-        step."""
-        decodings = self._decodings()
+    @staticmethod
+    def _run(decodings: list, progress: Callable[[int], None] | None = None) -> None:
+        """Decode every row to its end (or its verdict); `progress(n)` is told how many became
+        final at each step."""
         for decoding in decodings:
             while not decoding.done:
                 rows = decoding.step()
                 if progress and rows:
                     progress(len(rows))
-        return self._in_prompt_order(decodings)
 
     def responses(self, progress: Callable[[int], None] | None = None) -> list[str]:
         """The answers to the bad prompts (in their order), each stopped once decided."""
-        return self._responses(progress)[0]
+        decodings = self._decodings()
+        self._run(decodings, progress)
+        return self._in_prompt_order(decodings)[0]
 
     def _plan_layer_skip(
         self, budget_bytes: int, store: torch.device | None
@@ -238,7 +303,7 @@ class Evaluator:
 
     def score(
         self,
-        dominated: Callable[[float, int], bool] | None = None,
+        dominated: Callable[[float, float], bool] | None = None,
         kl_threshold: float | None = None,
         progress: Callable[[int], None] | None = None,
         first_edited_layer: int = 0,
@@ -250,28 +315,33 @@ class Evaluator:
         a lower bound of the trial's count. It is checked after every decoding step: once
         `dominated(kl, lower_bound)` says an existing front point is at least as good on
         both, the trial can never reach the front and decoding stops. With
-        `screening_tokens`, every batch is first decoded to that short horizon (where most
-        refusals show) before any batch runs to the full length, so a hopeless trial is found
-        after a few tokens of every prompt instead of the full length of the first batches;
-        all batches' caches are then held at once (the screened, still undecided rows only).
-        A trial whose KL exceeds `kl_threshold` skips the refusal count altogether. Pruned
-        trials come back with `pruned` set, never as finished scores. `progress(n)` is told
-        how many prompts each pass or step finished. `first_edited_layer` must be a layer at or
-        below the edit's lowest (0 is always right); the KL pass starts there.
+        `refusal_openings`, the bound is of the count plus the openings (`RefusalBound`).
+        With `screening_tokens`, every batch is first decoded to that short horizon (where
+        most refusals show) before any batch runs to the full length, so a hopeless trial is
+        found after a few tokens of every prompt instead of the full length of the first
+        batches; all batches' caches are then held at once (the screened, still undecided rows
+        only). A trial whose KL exceeds `kl_threshold` skips the refusal count altogether.
+        Pruned trials come back with `pruned` set, never as finished scores. `progress(n)` is
+        told how many prompts each pass or step finished. `first_edited_layer` must be a layer
+        at or below the edit's lowest (0 is always right); the KL pass starts there.
         """
         kl = self.kl(first_edited_layer)
         if progress:
             progress(len(self.good_prompts))
         if kl_threshold and kl > kl_threshold:
             return Score(kl_divergence=kl, refusals=0, pruned=f"KL above {kl_threshold}")
+        bound = RefusalBound(
+            self.judge,
+            self.opening_probabilities() if self.refusal_openings else None,
+            self.bad_prompts,
+        )
         decodings = screened = self._decodings()
         # The last phase runs every row to its end: a reasoning model's thinking comes on top of
         # max_response_length (see `Decoding`).
         horizons: list[float] = [math.inf]
         if 0 < self.screening_tokens < self.max_response_length:
             horizons = [self.screening_tokens, math.inf]
-        refusals = finished = 0
-        total = len(self.bad_prompts)
+        finished, total = 0, len(self.bad_prompts)
         for phase, horizon in enumerate(horizons):
             if phase > 0:
                 # The survivors of the screening continue in as few batches as possible.
@@ -279,18 +349,72 @@ class Evaluator:
             for decoding in decodings:
                 while not decoding.done and decoding.produced < horizon:
                     rows = decoding.step()
-                    refusals += self.judge.count(
+                    bound.add(
                         [decoding.response(r) for r in rows], [decoding.prompt(r) for r in rows]
                     )
                     finished += len(rows)
                     if progress and rows:
                         progress(len(rows))
-                    if finished < total and dominated and dominated(kl, refusals):
+                    if finished < total and dominated and dominated(kl, bound.objective):
                         return Score(
                             kl_divergence=kl,
-                            refusals=refusals,
+                            refusals=bound.refusals,
                             pruned=f"dominated after {finished}/{total} responses",
+                            openings=bound.openings,
                         )
         responses, unanswered = self._in_prompt_order(screened)
-        refusals = self.judge.count(responses, self.bad_prompts)
-        return Score(kl_divergence=kl, refusals=refusals, unanswered=unanswered)
+        refusals, openings = bound.final(responses)
+        return Score(kl, refusals, unanswered=unanswered, openings=openings)
+
+
+class RefusalBound:
+    """A trial's refusal objective while its responses are decoded, and at the end.
+
+    Without opening probabilities the objective is the refusal count, bounded below by the
+    refusals among the final responses so far. With them (prompt -> probability of the
+    original model's refusal opening, `Evaluator.opening_probabilities`), every bad prompt
+    adds 1 when its response is a refusal, else its opening probability (at most 1): the
+    refusals so far plus the openings of every prompt not refused so far is then a lower
+    bound of the final objective, exact once every response is final.
+    """
+
+    def __init__(
+        self, judge: Judge, probabilities: dict[str, float] | None, prompts: Sequence[str]
+    ) -> None:
+        self.judge = judge
+        self.probabilities = probabilities
+        self.prompts = list(prompts)
+        self.refusals = 0
+        self._all = sum(self._p(p) for p in self.prompts)
+        self._refused = 0.0
+
+    def _p(self, prompt: str) -> float:
+        return 0.0 if self.probabilities is None else self.probabilities.get(prompt, 0.0)
+
+    @property
+    def openings(self) -> float | None:
+        return None if self.probabilities is None else self._all - self._refused
+
+    @property
+    def objective(self) -> float:
+        return self.refusals + (self.openings or 0.0)
+
+    def add(self, responses: Sequence[str], prompts: Sequence[str]) -> None:
+        """Responses that became final (to `prompts`)."""
+        if self.probabilities is None:
+            self.refusals += self.judge.count(responses, prompts)
+            return
+        for refused, prompt in zip(self.judge.verdicts(responses, prompts), prompts, strict=True):
+            if refused:
+                self.refusals += 1
+                self._refused += self._p(prompt)
+
+    def final(self, responses: Sequence[str]) -> tuple[int, float | None]:
+        """The count and the openings of all responses (to the prompts, in their order)."""
+        if self.probabilities is None:
+            return self.judge.count(responses, self.prompts), None
+        verdicts = self.judge.verdicts(responses, self.prompts)
+        openings = sum(
+            self._p(p) for p, refused in zip(self.prompts, verdicts, strict=True) if not refused
+        )
+        return sum(verdicts), openings

@@ -65,6 +65,7 @@ PARTS: tuple[Part, ...] = (
     Part("refusal_markers", directions=PROBING),  # the probes' labels come from the markers
     Part("ignore_echoed_markers", directions=PROBING),
     Part("refusal_judge"),
+    Part("refusal_openings", only_when_on=True),
     Part("judge_model", when=MODEL_JUDGE),
     Part("judge_prompt", when=MODEL_JUDGE),
     Part("judge_answers", when=MODEL_JUDGE),

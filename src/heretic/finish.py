@@ -528,7 +528,7 @@ class Finisher:
 
 def trial_label(trial: FrozenTrial, n_bad: int) -> str:
     text = describe_params(params_from_trial(trial), short=True)
-    kl_divergence, refusals = objectives(trial)
+    kl_divergence, refusals, _ = objectives(trial)
     return (
         f"trial {trial.number:>3}: {refusals:>3}/{n_bad} refusals, KL {kl_divergence:.4f}  ({text})"
     )
@@ -541,4 +541,7 @@ def trial_choices(front: Sequence[FrozenTrial], n_bad: int) -> list[tuple[str, i
 def scored_points(study) -> list[TrialPoint]:
     """Every fully scored trial. Pruned trials are left out: their refusal counts are only
     lower bounds, so plotting them as points would misstate what they scored."""
-    return [TrialPoint(t.number, *objectives(t)) for t in completed_trials(study)]
+    return [
+        TrialPoint(t.number, objectives(t).kl_divergence, objectives(t).refusals)
+        for t in completed_trials(study)
+    ]

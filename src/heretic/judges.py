@@ -36,6 +36,12 @@ class Judge(Protocol):
 
     def count(self, responses: Sequence[str], prompts: Sequence[str] | None = None) -> int: ...
 
+    def verdicts(
+        self, responses: Sequence[str], prompts: Sequence[str] | None = None
+    ) -> list[bool]:
+        """Per final response, whether it is a refusal (`count` is their sum)."""
+        ...
+
 
 def has_marker(text: str, markers: Sequence[str], prompt: str, ignore_echoed: bool) -> bool:
     """Whether normalized `text` contains a marker. With `ignore_echoed`, a marker that the
@@ -61,6 +67,11 @@ class MarkerJudge:
     def count(self, responses: Sequence[str], prompts: Sequence[str] | None = None) -> int:
         return count_refusals(self, responses, prompts)
 
+    def verdicts(
+        self, responses: Sequence[str], prompts: Sequence[str] | None = None
+    ) -> list[bool]:
+        return refusal_verdicts(self, responses, prompts)
+
 
 def count_refusals(
     judge: Judge, responses: Sequence[str], prompts: Sequence[str] | None = None
@@ -70,13 +81,21 @@ def count_refusals(
     freed, and the search must never prefer an edit that breaks the model into saying nothing.
     (Not part of `is_refusal`, which also sees the empty start of every response while it is
     generated.)"""
+    return sum(refusal_verdicts(judge, responses, prompts))
+
+
+def refusal_verdicts(
+    judge: Judge, responses: Sequence[str], prompts: Sequence[str] | None = None
+) -> list[bool]:
+    """Whether each final response is a refusal, by the rule of `count_refusals` (an empty
+    response is one)."""
     if prompts is None:
         prompts = [""] * len(responses)
     if len(prompts) != len(responses):
         raise ValueError(f"{len(responses)} responses but {len(prompts)} prompts")
-    return sum(
+    return [
         not r.strip() or judge.is_refusal(r, p) for r, p in zip(responses, prompts, strict=True)
-    )
+    ]
 
 
 OPENING_WORDS = 24
@@ -164,6 +183,11 @@ class AdaptiveJudge:
 
     def count(self, responses: Sequence[str], prompts: Sequence[str] | None = None) -> int:
         return count_refusals(self, responses, prompts)
+
+    def verdicts(
+        self, responses: Sequence[str], prompts: Sequence[str] | None = None
+    ) -> list[bool]:
+        return refusal_verdicts(self, responses, prompts)
 
     def describe(self) -> dict[str, Any]:
         """JSON-ready summary for the metadata and the model card."""

@@ -36,15 +36,30 @@ OBJECTIVES = (KL_ATTR, REFUSALS_ATTR)
 keeps a trial's values; `objectives` reads them."""
 
 
+OPENINGS_ATTR = "refusal_openings"
+"""Trial user attribute (with `refusal_openings`): the openings part of the refusal objective
+(`evaluation.Score.openings`)."""
+
+
 class Objectives(NamedTuple):
     kl_divergence: float
     refusals: int
+    openings: float = 0.0
+    """The margin the refusal objective adds to the count (0 without `refusal_openings`)."""
+
+    @property
+    def refusal_objective(self) -> float:
+        """What the search minimizes besides the KL divergence: the count plus the openings."""
+        return self.refusals + self.openings
 
 
 def objectives(trial: FrozenTrial) -> Objectives:
-    """A scored trial's KL divergence and refusal count: the one reader of `trial.values`."""
-    kl_divergence, refusals = trial.values
-    return Objectives(float(kl_divergence), int(refusals))
+    """A scored trial's KL divergence, refusal count and openings: the one reader of
+    `trial.values`. The study's refusal objective is the count plus the openings; the count is
+    also kept as a user attribute (an objective is the count alone in studies without it)."""
+    kl_divergence, objective = trial.values
+    refusals = int(trial.user_attrs.get(REFUSALS_ATTR, round(objective)))
+    return Objectives(float(kl_divergence), refusals, float(objective) - refusals)
 
 
 LAYER_PROFILES = ("range", "tent")
@@ -408,14 +423,12 @@ def completed_trials(study: optuna.Study) -> list[FrozenTrial]:
     return [t for t in study.get_trials(deepcopy=False) if t.state == TrialState.COMPLETE]
 
 
-def dominated_by(front: list[FrozenTrial], kl: float, refusals: int) -> bool:
+def dominated_by(front: list[FrozenTrial], kl: float, refusal_objective: float) -> bool:
     """True when some front point is at least as good on both objectives and better on one."""
-    points = [objectives(t) for t in front]
+    points = [(objectives(t).kl_divergence, objectives(t).refusal_objective) for t in front]
     return any(
-        p.kl_divergence <= kl
-        and p.refusals <= refusals
-        and (p.kl_divergence < kl or p.refusals < refusals)
-        for p in points
+        p_kl <= kl and p_r <= refusal_objective and (p_kl < kl or p_r < refusal_objective)
+        for p_kl, p_r in points
     )
 
 
@@ -423,14 +436,16 @@ def run_search(
     study: optuna.Study,
     n_trials: int,
     space: SearchSpace,
-    score: Callable[[EditParams, Callable[[float, int], bool]], Score],
+    score: Callable[[EditParams, Callable[[float, float], bool]], Score],
     on_trial: Callable[[FrozenTrial, int], None] | None = None,
     base_refusals: int | None = None,
 ) -> int:
     """Run trials until the study holds `n_trials` finished ones; returns how many ran now.
 
-    `score(params, dominated)` gets a predicate telling whether a (KL, refusal lower bound)
-    point is already beaten by the study's Pareto front, so it can stop counting early.
+    `score(params, dominated)` gets a predicate telling whether a (KL, lower bound of the
+    refusal objective) point is already beaten by the study's Pareto front, so it can stop
+    counting early. The refusal objective is the count plus the score's openings, when
+    measured (`Score.objective`).
 
     With `base_refusals`, every scored trial gets the constraint `DO_NOTHING_CONSTRAINT`
     (refusals - 90% of the base count, feasible at <= 0): a trial that barely edits the model
@@ -462,6 +477,8 @@ def run_search(
             )
         trial.set_user_attr(KL_ATTR, result.kl_divergence)
         trial.set_user_attr(REFUSALS_ATTR, result.refusals)
+        if result.openings is not None:
+            trial.set_user_attr(OPENINGS_ATTR, result.openings)
         if result.unanswered:
             trial.set_user_attr(UNANSWERED_ATTR, result.unanswered)
         if result.pruned:
@@ -471,7 +488,7 @@ def run_search(
             if base_refusals is not None:
                 excess = result.refusals - DO_NOTHING_FRACTION * base_refusals
                 trial.set_constraint(DO_NOTHING_CONSTRAINT, excess)
-            values = {KL_ATTR: result.kl_divergence, REFUSALS_ATTR: float(result.refusals)}
+            values = {KL_ATTR: result.kl_divergence, REFUSALS_ATTR: result.objective}
             frozen = study.tell(trial, [values[name] for name in OBJECTIVES])
         ran += 1
         if on_trial is not None:
@@ -486,7 +503,8 @@ DO_NOTHING_CONSTRAINT = "did_nothing"
 
 
 def pareto_front(study: optuna.Study) -> list[FrozenTrial]:
-    """Non-dominated fully scored trials that did something, sorted by refusals then KL.
+    """Non-dominated fully scored trials that did something, sorted by refusal objective
+    (count, plus openings when measured) then KL.
 
     Trials infeasible under `DO_NOTHING_CONSTRAINT` are left out; when every scored trial is
     (a search that has not removed a tenth of the refusals yet), the front of all of them is
@@ -495,8 +513,16 @@ def pareto_front(study: optuna.Study) -> list[FrozenTrial]:
     front = study.best_trials
     if not front:
         scored = completed_trials(study)
-        front = [t for t in scored if not dominated_by(scored, *objectives(t))]
-    return sorted(front, key=lambda t: (objectives(t).refusals, objectives(t).kl_divergence))
+        front = [
+            t
+            for t in scored
+            if not dominated_by(
+                scored, objectives(t).kl_divergence, objectives(t).refusal_objective
+            )
+        ]
+    return sorted(
+        front, key=lambda t: (objectives(t).refusal_objective, objectives(t).kl_divergence)
+    )
 
 
 def did_nothing(
@@ -520,7 +546,8 @@ def best_trial(
     base_refusals: int,
     score: Callable[[FrozenTrial], Objectives] = objectives,
 ) -> FrozenTrial:
-    """The front trial nearest the origin, with refusals scaled by the base refusal count.
+    """The front trial nearest the origin, with the refusal objective (the count, plus the
+    openings when measured) scaled by the base refusal count.
 
     Trials that did nothing (`did_nothing`: refusals above 90% of the base count) are passed
     over whenever the front has any other point; only a front made of them alone yields one.
@@ -532,8 +559,8 @@ def best_trial(
     candidates = [t for t in front if not did_nothing(t, base_refusals, score)] or front
 
     def distance(trial: FrozenTrial) -> float:
-        kl_divergence, refusals = score(trial)
-        return math.hypot(kl_divergence, refusals / scale)
+        figures = score(trial)
+        return math.hypot(figures.kl_divergence, figures.refusal_objective / scale)
 
     return min(candidates, key=distance)
 

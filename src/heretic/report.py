@@ -11,6 +11,7 @@ from rich.table import Table
 from heretic.abliteration import describe_params
 from heretic.optimization import (
     KL_ATTR,
+    OPENINGS_ATTR,
     PRUNED_ATTR,
     REFUSALS_ATTR,
     UNANSWERED_ATTR,
@@ -26,8 +27,15 @@ def describe_trial(trial) -> str:
     refusals = trial.user_attrs.get(REFUSALS_ATTR, 0)
     pruned = trial.user_attrs.get(PRUNED_ATTR)
     if pruned:
-        return f"pruned ({pruned}): refusals >= {refusals}, KL {kl:.4f}"
-    return f"refusals {refusals}{unanswered_note(trial)}, KL {kl:.4f}"
+        return f"pruned ({pruned}): refusals >= {refusals}{openings_note(trial)}, KL {kl:.4f}"
+    return f"refusals {refusals}{openings_note(trial)}{unanswered_note(trial)}, KL {kl:.4f}"
+
+
+def openings_note(trial) -> str:
+    """ " + 0.41 openings" for a trial scored with `refusal_openings` (the margin its refusal
+    objective adds to the count); else ""."""
+    openings = trial.user_attrs.get(OPENINGS_ATTR)
+    return "" if openings is None else f" + {openings:.2f} openings"
 
 
 def unanswered_note(trial) -> str:
@@ -46,7 +54,7 @@ def front_table(front, base_refusals: int, n_bad: int) -> Table:
     for t in front:
         text = describe_params(params_from_trial(t))
         score = objectives(t)
-        refusals = f"{score.refusals}/{n_bad}{unanswered_note(t)}"
+        refusals = f"{score.refusals}/{n_bad}{openings_note(t)}{unanswered_note(t)}"
         if did_nothing(t, base_refusals):
             refusals += " (did nothing)"
         table.add_row(str(t.number), refusals, f"{score.kl_divergence:.4f}", text)

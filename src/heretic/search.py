@@ -119,6 +119,7 @@ def score_original(
             log=lambda line: console.print(f"  {line}", highlight=False),
             progress=lambda n: progress.advance(scoring, n),
             layer_outputs_store=store,
+            refusal_openings=settings.refusal_openings,
         )
     n_bad = len(evaluator.bad_prompts)
     if settings.refusal_judge == "adaptive":

@@ -60,6 +60,13 @@ class JudgeFields(BaseModel):
         "responses to the bad vs. the good evaluation prompts) or 'model' (judge_model reads "
         "each prompt and response; a forward pass per response); see docs/judges.md.",
     )
+    refusal_openings: bool = Field(
+        default=False,
+        description="Add to each trial's refusal count, for every bad prompt the original model "
+        "refused and the edit answers, the probability the edited model gives the original's "
+        "first refusal token (one more pass over the bad prompts per trial): a margin the count "
+        "cannot see once it reaches 0; see docs/generalization.md.",
+    )
     judge_model: str | None = Field(
         default=None,
         description="refusal_judge 'model': the judge, a chat/causal LM or a sequence classifier "
