@@ -698,8 +698,14 @@ def print_table(
     print(flush=True)
 
 
+def config_folder(args, name: str, sizes: Sizes) -> Path:
+    """Where a configuration's search and evaluation are kept (reused when present)."""
+    seed = "" if args.seed is None else f"-seed{args.seed}"
+    return args.workdir / f"{name}-{args.n_trials}-s{sizes.search}{seed}"
+
+
 def run_config(config: Config, model: Path, args, sizes: Sizes, base_logprobs) -> tuple[dict, dict]:
-    folder = args.workdir / f"{config.name}-{args.n_trials}-s{sizes.search}"
+    folder = config_folder(args, config.name, sizes)
     result_file = folder / "search.json"
     if args.rerun and folder.exists():
         shutil.rmtree(folder)
@@ -713,6 +719,8 @@ def run_config(config: Config, model: Path, args, sizes: Sizes, base_logprobs) -
         if config.tool == "upstream":
             search = search_upstream(model, args.n_trials, folder, sizes)
         else:
+            seed = {} if args.seed is None else {"seed": args.seed}
+            config = replace(config, settings={**config.settings, **seed})
             search = search_ours(config, model, args.n_trials, folder, sizes)
         result_file.write_text(json.dumps(search))
         print(
@@ -743,7 +751,7 @@ def print_fronts(names, rows, model: Path, args, sizes: Sizes, base: dict, judge
         if config.tool == "upstream":
             front_rows.append(rows[names.index(name) + 1] + [opening_cell(None)])
             continue
-        folder = args.workdir / f"{name}-{args.n_trials}-s{sizes.search}"
+        folder = config_folder(args, name, sizes)
         print(f"[{name}] evaluating every front trial on held-out prompts ...", flush=True)
         n_bad = json.loads((folder / "search.json").read_text())["n_bad"]
         for point in evaluate_front(model, folder, sizes, base, judges.adaptive):
@@ -800,6 +808,12 @@ def main() -> None:
         "--fronts",
         action="store_true",
         help="also evaluate every Pareto-front trial of our searches (as hooks) and print them",
+    )
+    ap.add_argument(
+        "--seed",
+        type=int,
+        default=None,
+        help="seed of our searches (default: heretic's, 42); upstream keeps its own",
     )
     ap.add_argument("--rerun", action="store_true", help="run the named configurations again")
     ap.add_argument("--list", action="store_true", help="print the configurations and stop")
