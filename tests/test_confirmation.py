@@ -434,7 +434,7 @@ def test_refusal_openings_reach_the_study_the_log_and_the_metadata(
     monkeypatch.chdir(tmp_path)
     out = tmp_path / "out"
     argv = _argv(tiny_chat_model, prompt_files, out, "--select", "best", "--no-confirm")
-    _, printed = _run([*argv, "--refusal-openings", "--verbose"])
+    _, printed = _run([*argv, "--verbose"])  # refusal_openings is on by default
     meta = json.loads((out / "heretic_metadata.json").read_text())
     search = meta["in_search"]
     assert search["refusal_openings"] >= 0 and "refusal_openings" in search["refusal_objective"]
@@ -448,4 +448,4 @@ def test_refusal_openings_reach_the_study_the_log_and_the_metadata(
     assert " openings, KL " in printed
     # The objective changed: the study is not continued without it (or --force).
     with pytest.raises(StudyError, match="refusal_openings"):
-        _run([*argv, "--n-trials", "4"])
+        _run([*argv, "--n-trials", "4", "--no-refusal-openings"])

@@ -239,16 +239,19 @@ def test_studies_recorded_before_this_module_still_match():
     """The study keys that heretic recorded before this module (tests/data) are what this
     version computes for the same settings, except `seed` now joins a probing study's key, and
     the held-out confirmation's share of the evaluation sets joins the key while it is taken
-    (its search scores on fewer prompts; with --no-confirm the old keys match as they were)."""
+    (its search scores on fewer prompts; with --no-confirm the old keys match as they were), and
+    so does `refusal_openings` while it is on (the refusal objective is no longer the count)."""
     recorded = json.loads((DATA / "study_fingerprints_v1.json").read_text())["studies"]
     assert len(recorded) >= 7
+    old = {"confirm": False, "refusal_openings": False}
     for study in recorded:
         settings = _settings(**study["overrides"])
         expected = dict(study["fingerprint"])
         if settings.use_supervised_probing:
             expected["seed"] = settings.seed
-        assert study_key(settings.model_copy(update={"confirm": False})) == expected
+        assert study_key(settings.model_copy(update=old)) == expected
         expected[HOLDOUT_KEY] = {"bad_evaluation_prompts": 0.2, "good_evaluation_prompts": 0.2}
+        expected["refusal_openings"] = True
         assert study_key(settings) == expected, study["overrides"]
 
 

@@ -61,11 +61,12 @@ class JudgeFields(BaseModel):
         "each prompt and response; a forward pass per response); see docs/judges.md.",
     )
     refusal_openings: bool = Field(
-        default=False,
+        default=True,
         description="Add to each trial's refusal count, for every bad prompt the original model "
         "refused and the edit answers, the probability the edited model gives the original's "
         "first refusal token (one more pass over the bad prompts per trial): a margin the count "
-        "cannot see once it reaches 0; see docs/generalization.md.",
+        "cannot see once it reaches 0 (on the organism: 6 instead of 10 refusals per 100 "
+        "held-out prompts, docs/generalization.md).",
     )
     judge_model: str | None = Field(
         default=None,
