@@ -157,9 +157,12 @@ class Evaluator:
         self._run(decodings, progress)
         self.base_responses, self.base_unanswered = self._in_prompt_order(decodings)
         self._bad_thinking = None
+        self._base_first_tokens: torch.Tensor | None = None
         if self.refusal_openings:
             thinking = [d.thinking(row) for d in decodings for row in range(d.n_rows)]
             self._bad_thinking = thinking if any(thinking) else None
+            # Read once: a new judge (`use_judge`) changes which prompts are refused, not these.
+            self._base_first_tokens = self._bad_first_logprobs().argmax(-1)
         self._count_base()
 
     def _count_base(self) -> None:
@@ -172,10 +175,10 @@ class Evaluator:
             return
         verdicts = self.judge.verdicts(self.base_responses, self.bad_prompts)
         self.base_refusals = sum(verdicts)
-        logprobs = self._bad_first_logprobs()
+        assert self._base_first_tokens is not None
         for position, index in enumerate(self._bad_order):
             if verdicts[index]:
-                self.opening_tokens[position] = int(logprobs[position].argmax())
+                self.opening_tokens[position] = int(self._base_first_tokens[position])
 
     def _bad_first_logprobs(self) -> torch.Tensor:
         """First answer token log-probs of the bad prompts (sorted order), after the original

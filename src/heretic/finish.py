@@ -541,7 +541,5 @@ def trial_choices(front: Sequence[FrozenTrial], n_bad: int) -> list[tuple[str, i
 def scored_points(study) -> list[TrialPoint]:
     """Every fully scored trial. Pruned trials are left out: their refusal counts are only
     lower bounds, so plotting them as points would misstate what they scored."""
-    return [
-        TrialPoint(t.number, objectives(t).kl_divergence, objectives(t).refusals)
-        for t in completed_trials(study)
-    ]
+    points = [(t.number, objectives(t)) for t in completed_trials(study)]
+    return [TrialPoint(number, o.kl_divergence, o.refusals) for number, o in points]

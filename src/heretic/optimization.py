@@ -425,10 +425,12 @@ def completed_trials(study: optuna.Study) -> list[FrozenTrial]:
 
 def dominated_by(front: list[FrozenTrial], kl: float, refusal_objective: float) -> bool:
     """True when some front point is at least as good on both objectives and better on one."""
-    points = [(objectives(t).kl_divergence, objectives(t).refusal_objective) for t in front]
+    points = [objectives(t) for t in front]
     return any(
-        p_kl <= kl and p_r <= refusal_objective and (p_kl < kl or p_r < refusal_objective)
-        for p_kl, p_r in points
+        p.kl_divergence <= kl
+        and p.refusal_objective <= refusal_objective
+        and (p.kl_divergence < kl or p.refusal_objective < refusal_objective)
+        for p in points
     )
 
 
