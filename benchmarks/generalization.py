@@ -183,13 +183,36 @@ def harmless_logprobs(model) -> object:
     return model.first_token_logprobs(kl_prompts(), BATCH)
 
 
-def kl_figures(base_logprobs, logprobs) -> dict[str, float]:
+def kl_figures(base_logprobs, logprobs, answered=None) -> dict[str, float]:
+    """KL on the search's KL prompts and on the unseen ones; with `answered` (a bool per KL
+    prompt: the original model answers it), also on the unseen prompts it answers, which
+    leaves out the harmless prompts it refuses (lifting those refusals is not damage)."""
     from heretic.evaluation import kl_divergence
 
-    return {
+    figures = {
         "kl_search": kl_divergence(base_logprobs[:100], logprobs[:100]),
         "kl": kl_divergence(base_logprobs[100:], logprobs[100:]),
     }
+    if answered is not None:
+        keep = answered[100:]
+        figures["kl_answered"] = kl_divergence(base_logprobs[100:][keep], logprobs[100:][keep])
+    return figures
+
+
+def answered_kl_prompts(model, workdir: Path, judge, sizes: Sizes):
+    """Per KL prompt, whether the original model answers it (its greedy response, judged by
+    `judge`); the responses are cached in `workdir`."""
+    import torch
+
+    path = workdir / f"original-harmless-t{sizes.tokens}.json"
+    if not path.exists():
+        from heretic.loading import load_model
+
+        print("original model: responses to the harmless KL prompts ...", flush=True)
+        m = load_model(str(model), device_map="cpu", system_prompt=SYSTEM_PROMPT)
+        path.write_text(json.dumps(m.generate(kl_prompts(), sizes.tokens, BATCH)))
+    responses = json.loads(path.read_text())
+    return torch.tensor([not v for v in judge.verdicts(responses, kl_prompts())])
 
 
 def write_prompt_files(folder: Path, prompts: dict[str, list[str]]) -> dict[str, Path]:
@@ -257,6 +280,16 @@ CONFIGS = [
         "openings-no-warm",
         "refusal objective = count + refusal-opening probabilities, warm start off",
         {"refusal_openings": True, **COLD},
+    ),  # fmt: skip
+    Config(
+        "ridge-cv",
+        "fitted readouts' ridge chosen per module by leave-one-out cross-validation",
+        {"readout_ridge_cv": True},
+    ),  # fmt: skip
+    Config(
+        "kl-answered",
+        "KL only on the good prompts the original model answers (kl_skip_refused_good)",
+        {"kl_skip_refused_good": True},
     ),  # fmt: skip
     Config("upstream", "heretic-llm 1.4.0, its defaults", tool="upstream"),
 ]
@@ -430,26 +463,28 @@ def original_model(model: Path, workdir: Path, sizes: Sizes) -> tuple[dict, Judg
     base = {
         "responses": capped(data["responses"], sizes),
         "logprobs": logprobs,
+        "answered": answered_kl_prompts(model, workdir, adaptive, sizes),
         "search_bad": (search["bad_evaluation_prompts"], data["judge_bad"]),
     }
     return base, judges
 
 
-def evaluate(model_path: str, folder: Path, sizes: Sizes, base_logprobs) -> dict:
+def evaluate(model_path: str, folder: Path, sizes: Sizes, base: dict) -> dict:
     """Responses and KL divergences of a saved model, cached in `folder`."""
+    base_logprobs, answered = base["logprobs"], base["answered"]
     path = cached_path(folder, "held-out", sizes)
     if path is None:
         generated = generate_all(model_path, sizes)
         result = {"responses": generated["responses"]}
-        result.update(kl_figures(base_logprobs, generated["logprobs"]))
+        result.update(kl_figures(base_logprobs, generated["logprobs"], answered))
         path = folder / f"held-out-{sizes.tag()}.json"
         path.write_text(json.dumps(result))
     result = json.loads(path.read_text())
-    if "kl_search" not in result:  # cached before the KL on the search's prompts was measured
+    if "kl_answered" not in result:  # cached before these KL figures were measured
         from heretic.loading import load_model
 
         model = load_model(model_path, device_map="cpu", system_prompt=SYSTEM_PROMPT)
-        result.update(kl_figures(base_logprobs, harmless_logprobs(model)))
+        result.update(kl_figures(base_logprobs, harmless_logprobs(model), answered))
         path.write_text(json.dumps(result))
     return {**result, "responses": capped(result["responses"], sizes)}
 
@@ -480,11 +515,11 @@ def evaluate_front(model_path: Path, folder: Path, sizes: Sizes, base: dict, jud
                 print(f"  front trial {trial.number} ...", flush=True)
                 generated = generate_with(model, sizes)
                 result = {"responses": generated["responses"]}
-                result.update(kl_figures(base["logprobs"], generated["logprobs"]))
+                result.update(kl_figures(base["logprobs"], generated["logprobs"], base["answered"]))
             result["opening"] = opening_probability(model, openings, BATCH)
             hooks.clear()
             path.write_text(json.dumps(result))
-        kl, refusals = objectives(trial)
+        kl, refusals = objectives(trial)[:2]
         result.update(trial=trial.number, refusals=refusals, search_kl=kl)
         points.append({**result, "responses": capped(result["responses"], sizes)})
     if loaded:
@@ -661,6 +696,7 @@ def row_cells(
         f"{counts['xstest_safe'][0]} / {counts['xstest_safe'][1]}",
         f"{held.get('kl_search', 0.0):.3f}",
         f"{held.get('kl', 0.0):.3f}",
+        f"{held.get('kl_answered', 0.0):.3f}",
     ]
     cells.append(
         "-" if search is None or "seconds" not in search else f"{search['seconds'] / 60:.0f}"
@@ -684,6 +720,7 @@ def print_table(
         f"XSTest safe refused /{lengths['xstest_safe']}",
         "KL saved, search's prompts",
         "KL unseen",
+        "KL unseen, answered",
         "search min",
         *(extra or []),
     ]
@@ -704,7 +741,7 @@ def config_folder(args, name: str, sizes: Sizes) -> Path:
     return args.workdir / f"{name}-{args.n_trials}-s{sizes.search}{seed}"
 
 
-def run_config(config: Config, model: Path, args, sizes: Sizes, base_logprobs) -> tuple[dict, dict]:
+def run_config(config: Config, model: Path, args, sizes: Sizes, base: dict) -> tuple[dict, dict]:
     folder = config_folder(args, config.name, sizes)
     result_file = folder / "search.json"
     if args.rerun and folder.exists():
@@ -731,7 +768,7 @@ def run_config(config: Config, model: Path, args, sizes: Sizes, base_logprobs) -
         )
     search = json.loads(result_file.read_text())
     print(f"[{config.name}] evaluating the saved model on held-out prompts ...", flush=True)
-    held = evaluate(search["model"], folder, sizes, base_logprobs)
+    held = evaluate(search["model"], folder, sizes, base)
     return search, held
 
 
@@ -844,9 +881,15 @@ def main() -> None:
         flush=True,
     )
     rows = [row_cells("original model", None, {**base, "kl": 0.0}, judges, sizes)]
+    n_answered = int(base["answered"][100:].sum())
+    print(
+        f"the original model answers {n_answered} of the 100 unseen harmless prompts (adaptive "
+        f"judge, {sizes.tokens} tokens): 'KL unseen, answered' is the KL over those",
+        flush=True,
+    )
     for name in names:
         config = by_name[name]
-        search, held = run_config(config, model, args, sizes, base["logprobs"])
+        search, held = run_config(config, model, args, sizes, base)
         rows.append(row_cells(name, search, held, judges, sizes, config.mix))
         print_table(rows, args.n_trials, sizes)
     if args.fronts:

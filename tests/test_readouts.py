@@ -12,10 +12,17 @@ from rich.console import Console
 from heretic.abliteration import row_edit
 from heretic.cli import run
 from heretic.config import load_settings
-from heretic.directions import DIRECTIONS_FILE, fit_readouts, load_direction_extras, normalize
+from heretic.directions import (
+    DIRECTIONS_FILE,
+    RIDGE_GRID,
+    fit_readouts,
+    load_direction_extras,
+    normalize,
+)
 from heretic.discovery import discover_sites
 from heretic.edit import EditHooks, TrialEdit, merge_edit, restore_weights
 from heretic.errors import HereticError
+from heretic.extraction import ridge_summary
 from heretic.sites import ATTN, COMPONENTS, MLP
 
 
@@ -29,6 +36,47 @@ def _reference(good, bad, r, ridge):
     return torch.linalg.solve(gram, x.T @ target.double())
 
 
+@pytest.mark.parametrize("n", [10, 80])  # fewer prompts than dimensions, and more
+def test_cross_validated_ridge_matches_a_refit_per_left_out_prompt(n):
+    """The closed-form leave-one-out choice against the plain one: refit without each
+    prompt (float64, same penalty), predict it, and take the grid's lowest mean error."""
+    g = torch.Generator().manual_seed(5)
+    hidden = 24
+    good = torch.randn(n, 1, 1, hidden, generator=g) + 2.0
+    bad = torch.randn(n + 3, 1, 1, hidden, generator=g) * 1.5
+    r = normalize(torch.randn(1, hidden, generator=g))
+    got, ridges = fit_readouts(good, bad, r, None)
+    x = torch.cat([good, bad])[:, 0, 0].double()
+    rr = r[0].double()
+    target = torch.cat(
+        [torch.zeros(n, dtype=x.dtype), x[n:] @ rr - (x[:n] @ rr).mean()]
+    )  # fmt: skip
+    scale = float((x * x).sum()) / hidden
+
+    def loo_error(ridge: float) -> float:
+        errors = []
+        for i in range(len(x)):
+            keep = torch.arange(len(x)) != i
+            a, t = x[keep], target[keep]
+            gram = a.T @ a + ridge * scale * torch.eye(hidden, dtype=x.dtype)
+            v = torch.linalg.solve(gram, a.T @ t)
+            errors.append(float((x[i] @ v - target[i]) ** 2))
+        return sum(errors) / len(errors)
+
+    best = min(RIDGE_GRID, key=loo_error)
+    assert float(ridges[0, 0]) == pytest.approx(best)
+    expected = _reference(good[:, 0, 0], bad[:, 0, 0], r[0], best)
+    torch.testing.assert_close(got[0, 0].double(), expected, rtol=1e-4, atol=1e-5)
+
+
+def test_ridge_summary_says_how_the_penalties_were_chosen():
+    assert ridge_summary(torch.full((2, 2), 0.01)) == "ridge 0.01"
+    chosen = torch.tensor([[0.001, 0.01], [0.1, float("nan")]])
+    assert ridge_summary(chosen) == (
+        "ridge by leave-one-out cross-validation: median 0.01, 0.001 to 0.1"
+    )
+
+
 @pytest.mark.parametrize("n", [10, 80])  # fewer prompts than dimensions (dual), and more
 def test_fit_matches_float64_reference(n):
     g = torch.Generator().manual_seed(0)
@@ -36,7 +84,8 @@ def test_fit_matches_float64_reference(n):
     good = torch.randn(n, layers, 2, hidden, generator=g) + 3.0
     bad = torch.randn(n + 3, layers, 2, hidden, generator=g)
     directions = normalize(torch.randn(layers, hidden, generator=g))
-    got = fit_readouts(good, bad, directions, 0.05)
+    got, ridges = fit_readouts(good, bad, directions, 0.05)
+    assert torch.equal(ridges, torch.full((layers, 2), 0.05))
     assert got.shape == (layers, 2, hidden) and got.dtype == torch.float32
     for layer in range(layers):
         for component in range(2):
@@ -59,7 +108,7 @@ def test_fitted_edit_leaves_harmless_outputs_and_moves_harmful_ones_to_them():
     noise = lambda m: torch.randn(m, hidden, generator=g) * 0.5  # noqa: E731
     good = noise(n) + 4.0 * r + 3.0 * u
     bad = noise(n) + 9.0 * r + 3.0 * w
-    v = fit_readouts(good.view(n, 1, 1, -1), bad.view(n, 1, 1, -1), r.unsqueeze(0), 1e-3)[0, 0]
+    v = fit_readouts(good.view(n, 1, 1, -1), bad.view(n, 1, 1, -1), r.unsqueeze(0), 1e-3)[0][0, 0]
     fitted = row_edit(torch.eye(hidden), r, 1.0, readout=v)
     plain = row_edit(torch.eye(hidden), r, 1.0)
     harmless_change = (fitted.apply(good) - good).norm(dim=1).mean()

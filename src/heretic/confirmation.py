@@ -69,6 +69,7 @@ class Confirmation:
         batch_size: int,
         perplexity: bool,
         console: Console,
+        skip_refused_good: bool = False,
     ) -> None:
         self.model = model
         self.hooks = hooks
@@ -86,6 +87,11 @@ class Confirmation:
         self._bad = self._length_sorted(sets.bad.prompts if sets.bad else [])
         self._good = self._length_sorted(sets.good.prompts if sets.good else [])
         self._thinking: list[str] | None = None
+        self.skip_refused_good = skip_refused_good
+        self.good_refused: list[str] = []
+        """Held-out good prompts the original model refuses, left out of the KL divergence
+        (with `skip_refused_good`, as the search leaves out its own)."""
+        self._kl_good = self._good
         self._base_logprobs: torch.Tensor | None = None
         self._default_texts = perplexity and sets.texts is None and bool(self._good)
         if perplexity and sets.texts is not None:
@@ -117,7 +123,9 @@ class Confirmation:
         if self.base is not None and not missing:
             return
         started = time.perf_counter()
-        generated_good = self._default_texts or self.model.reader.may_think
+        generated_good = (
+            self._default_texts or self.model.reader.may_think or self.skip_refused_good
+        )
         work = len(missing) * len(self._bad) * self.response_length
         if self.base is None:
             work += (len(self._bad) + generated_good * len(self._good)) * self.response_length
@@ -155,9 +163,19 @@ class Confirmation:
                 self._thinking = thinking if any(thinking) else None
             if self._default_texts:
                 self.texts = self._response_texts(rows)
-        if self._good:
+            if self.skip_refused_good:
+                self._leave_out_refused(rows)
+        if self._kl_good:
             self._base_logprobs = self._logprobs()
         return self._measure(advance)
+
+    def _leave_out_refused(self, rows: list) -> None:
+        """Keep for the KL divergence only the good prompts the original model answers."""
+        verdicts = self.judge.verdicts([d.response(r) for d, r in rows], self._good)
+        self.good_refused = [p for p, no in zip(self._good, verdicts, strict=True) if no]
+        self._kl_good = [p for p, no in zip(self._good, verdicts, strict=True) if not no]
+        if self._thinking is not None:
+            self._thinking = [t for t, no in zip(self._thinking, verdicts, strict=True) if not no]
 
     def _response_texts(self, rows: list) -> TokenTexts | None:
         texts = response_texts(
@@ -180,13 +198,13 @@ class Confirmation:
 
     def _logprobs(self) -> torch.Tensor:
         return self.model.first_token_logprobs(
-            self._good, self.batch_size, continuations=self._thinking
+            self._kl_good, self.batch_size, continuations=self._thinking
         )
 
     def _measure(self, advance: Callable[[int], None]) -> HeldOutScore:
         """The held-out figures of the model as it is now."""
         kl = None
-        if self._base_logprobs is not None:
+        if self._base_logprobs is not None and self._kl_good:
             kl = kl_divergence(self._base_logprobs, self._logprobs())
         refusals = markers = unanswered = None
         if self._bad:
@@ -313,10 +331,22 @@ def in_search_record(settings, evaluator, trial: FrozenTrial, sets: AfterSearchS
         "kl_divergence": kl,
         "n_good_prompts": n_good,
         "good_prompts": set_source(settings, "good_evaluation_prompts", sets and sets.good),
+        **left_out_record(getattr(evaluator, "good_refused", []), settings.kl_skip_refused_good),
         "kl_position": kl_position(getattr(evaluator, "thinks", False)),
         "response_tokens": settings.max_response_length,
         "decoding": decoding,
         "judge": describe_judge(evaluator.judge)["judge"],
+    }
+
+
+def left_out_record(refused: list[str], skipping: bool) -> dict:
+    """How many good prompts the KL divergence left out (with kl_skip_refused_good)."""
+    if not skipping:
+        return {}
+    return {
+        "n_good_refused_left_out": len(refused),
+        "kl_prompts": "the good prompts the original model answers: those it refuses (greedy "
+        "response judged once) are left out (kl_skip_refused_good)",
     }
 
 
@@ -347,8 +377,9 @@ def held_out_record(confirmation: Confirmation | None, trial: FrozenTrial, reaso
     if sets.good is not None:
         record |= {
             "kl_divergence": score.kl_divergence,
-            "n_good_prompts": len(sets.good.prompts),
+            "n_good_prompts": len(sets.good.prompts) - len(confirmation.good_refused),
             "good_prompts": sets.good.source,
+            **left_out_record(confirmation.good_refused, confirmation.skip_refused_good),
             "kl_position": kl_position(confirmation._thinking is not None),
         }
     record["seconds"] = round(confirmation.seconds, 1)
@@ -420,6 +451,7 @@ def start_confirmation(
         batch_size=batch_size,
         perplexity=settings.perplexity,
         console=console,
+        skip_refused_good=settings.kl_skip_refused_good,
     )
 
 

@@ -7,6 +7,7 @@ mean differences of large, nearly equal activations lose digits in float32.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import torch
@@ -271,10 +272,15 @@ def ensemble(probe: torch.Tensor, pca: torch.Tensor, probe_weight: float) -> tor
 # --------------------------------------------------------------------------------------------
 
 
+RIDGE_GRID = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0)
+"""The relative ridge penalties `readout_ridge_cv` chooses from, per module."""
+
+
 def fit_readouts(
-    good: torch.Tensor, bad: torch.Tensor, directions: torch.Tensor, ridge: float
-) -> torch.Tensor:
-    """Per module, the readout v of the edit `h <- h - w r (v . h)` (see `abliteration.row_edit`).
+    good: torch.Tensor, bad: torch.Tensor, directions: torch.Tensor, ridge: float | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per module, the readout v of the edit `h <- h - w r (v . h)` (see `abliteration.row_edit`),
+    and the relative ridge penalty it was fitted with.
 
     The plain edit reads v = r: it removes a module's whole contribution along r. But harmless
     prompts' module outputs have a large component along r too (their mean along r is often as
@@ -287,9 +293,11 @@ def fit_readouts(
 
     `good`/`bad` are (n, n_layers, n_components, hidden) module outputs, `directions` the
     (n_layers, hidden) refusal directions; `ridge` scales the penalty by the outputs' mean
-    squared norm per dimension, so one value suits every layer. Solved in float64, in the dual
-    (n x n) when there are fewer prompts than dimensions. Returns float32 (n_layers,
-    n_components, hidden).
+    squared norm per dimension, so one value suits every layer. `ridge=None` chooses it per
+    module from `RIDGE_GRID` by leave-one-out cross-validation (`cv_ridge_readout`): a
+    readout that fits the direction prompts too closely reads noise on other prompts, and
+    how much a module can take differs with depth. Solved in float64. Returns float32
+    (n_layers, n_components, hidden) readouts and the (n_layers, n_components) ridges.
     """
     if good.dim() != 4 or bad.dim() != 4 or good.shape[1:] != bad.shape[1:]:
         raise ValueError(
@@ -307,9 +315,10 @@ def fit_readouts(
             f"fitting readouts needs at least 2 good and 2 bad prompts; got {len(good)} and "
             f"{len(bad)}"
         )
-    if ridge <= 0:
+    if ridge is not None and ridge <= 0:
         raise ValueError(f"ridge must be positive, got {ridge}")
-    readouts = torch.empty(n_layers, n_components, hidden)
+    readouts = torch.zeros(n_layers, n_components, hidden)
+    ridges = torch.full((n_layers, n_components), float("nan") if ridge is None else ridge)
     for layer in range(n_layers):
         r = directions[layer].double()
         for component in range(n_components):
@@ -317,15 +326,49 @@ def fit_readouts(
             b = bad[:, layer, component].double()
             x = torch.cat([g, b])
             target = torch.cat([torch.zeros(len(g), dtype=x.dtype), b @ r - (g @ r).mean()])
-            penalty = ridge * float((x * x).sum()) / hidden
-            if penalty == 0.0:  # the module writes nothing here: nothing to read
-                readouts[layer, component] = 0.0
+            scale = float((x * x).sum()) / hidden
+            if scale == 0.0:  # the module writes nothing here: nothing to read
                 continue
-            if len(x) < hidden:  # dual: v = X^T (X X^T + p I)^-1 t
-                gram = x @ x.T + penalty * torch.eye(len(x), dtype=x.dtype)
-                v = x.T @ torch.linalg.solve(gram, target)
-            else:  # primal: v = (X^T X + p I)^-1 X^T t
-                gram = x.T @ x + penalty * torch.eye(hidden, dtype=x.dtype)
-                v = torch.linalg.solve(gram, x.T @ target)
+            if ridge is None:
+                v, ridges[layer, component] = cv_ridge_readout(x, target, scale)
+            else:
+                v = ridge_solution(x, target, ridge * scale)
             readouts[layer, component] = v.float()
-    return readouts
+    return readouts, ridges
+
+
+def ridge_solution(x: torch.Tensor, target: torch.Tensor, penalty: float) -> torch.Tensor:
+    """argmin_v |x v - target|^2 + penalty |v|^2, in the dual (n x n) when there are fewer
+    rows than dimensions."""
+    if len(x) < x.shape[1]:  # dual: v = X^T (X X^T + p I)^-1 t
+        gram = x @ x.T + penalty * torch.eye(len(x), dtype=x.dtype)
+        return x.T @ torch.linalg.solve(gram, target)
+    gram = x.T @ x + penalty * torch.eye(x.shape[1], dtype=x.dtype)  # primal
+    return torch.linalg.solve(gram, x.T @ target)
+
+
+def cv_ridge_readout(
+    x: torch.Tensor, target: torch.Tensor, scale: float
+) -> tuple[torch.Tensor, float]:
+    """The ridge solution whose relative penalty (x `scale`) from `RIDGE_GRID` has the lowest
+    leave-one-out error, and that penalty.
+
+    One thin SVD x = U S V^T serves every penalty p: the fit's hat matrix is
+    U diag(s^2 / (s^2 + p)) U^T, and each row's leave-one-out residual is its residual over
+    1 - its hat diagonal (exact for ridge regression), so no refit per fold is needed.
+    """
+    u, s, vh = torch.linalg.svd(x, full_matrices=False)
+    projected = u.T @ target
+    best: tuple[float, float] | None = None
+    for ridge in RIDGE_GRID:
+        shrink = s**2 / (s**2 + ridge * scale)
+        residual = target - u @ (shrink * projected)
+        leverage = (u**2 * shrink).sum(dim=1)
+        error = float(((residual / (1 - leverage)) ** 2).mean())
+        if not math.isfinite(error):  # a row the fit interpolates exactly: no estimate
+            error = math.inf
+        if best is None or error < best[0]:
+            best = (error, ridge)
+    assert best is not None
+    ridge = best[1]
+    return vh.T @ (s / (s**2 + ridge * scale) * projected), ridge

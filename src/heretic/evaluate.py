@@ -34,6 +34,7 @@ from heretic.atomic import writable_parent
 from heretic.confirmation import (
     decode_to_end,
     kl_position,
+    left_out_record,
     response_texts,
     set_source,
 )
@@ -237,6 +238,9 @@ class Evaluation:
         if settings.perplexity and not self.default_texts and sets.texts is None:
             self.perplexity_note = "no perplexity_texts, and no held-out good prompts"
         self.thinking: dict[str, list[str] | None] = {}
+        self.good_responses: dict[str, list[str]] = {}
+        """The base's responses to each group's good prompts (with kl_skip_refused_good: those
+        it refuses are left out of the KL divergence, as a run leaves them out)."""
         self.judge: Judge | None = None
         self.batch_size = 0
         self.comparison = None
@@ -341,11 +345,13 @@ class Evaluation:
         """The base answers a group's harmless prompts when its chain of thought is the KL
         passes' context (thinking models), or its answers are the default perplexity texts."""
         wanted = model.reader.may_think or (self.default_texts and group.key == "held_out")
+        wanted = wanted or self.settings.kl_skip_refused_good
         return bool(group.good) and wanted
 
     def _base_good(self, model: Model, group: PromptGroup, batch_size: int, advance) -> None:
         decodings = decode_to_end(model, group.good, self.length, batch_size, advance)
         rows = [(d, r) for d in decodings for r in range(d.n_rows)]
+        self.good_responses[group.key] = [d.response(r) for d, r in rows]
         if model.reader.may_think:
             thinking = [d.thinking(r) for d, r in rows]
             self.thinking[group.key] = thinking if any(thinking) else None
@@ -411,15 +417,30 @@ def _refusal_record(judge: Judge, markers: MarkerJudge, outputs: GroupOutputs) -
 
 
 def group_record(
-    group: PromptGroup, base: GroupOutputs, evaluated: GroupOutputs, judge: Judge, markers
+    group: PromptGroup,
+    base: GroupOutputs,
+    evaluated: GroupOutputs,
+    judge: Judge,
+    markers,
+    good_responses: list[str] | None = None,
 ) -> dict:
-    """One prompt group's figures for both models, and where its prompts came from."""
+    """One prompt group's figures for both models, and where its prompts came from;
+    with `good_responses` (the base's, under kl_skip_refused_good) the KL divergence leaves
+    out the good prompts the base refuses."""
+    answered = None
+    if good_responses is not None:
+        answered = [not r for r in judge.verdicts(good_responses, group.good)]
+    n_good = len(group.good) if answered is None else sum(answered)
     record: dict[str, Any] = {
         "n_bad_prompts": len(group.bad),
         "bad_prompts": group.bad_source,
-        "n_good_prompts": len(group.good),
+        "n_good_prompts": n_good,
         "good_prompts": group.good_source,
     }
+    if answered is not None:
+        record |= left_out_record(
+            [p for p, kept in zip(group.good, answered, strict=True) if not kept], skipping=True
+        )
     if group.bad:
         record["base"] = _refusal_record(judge, markers, base)
         record["evaluated"] = _refusal_record(judge, markers, evaluated)
@@ -430,7 +451,11 @@ def group_record(
                 f"{evaluated.logprobs.shape[-1]} logits): their next-token probabilities "
                 "cannot be compared. Evaluate against the model it was made from (--model)."
             )
-        record["kl_divergence"] = kl_divergence(base.logprobs, evaluated.logprobs)
+        if answered is None:
+            record["kl_divergence"] = kl_divergence(base.logprobs, evaluated.logprobs)
+        elif n_good:
+            keep = torch.tensor(answered)
+            record["kl_divergence"] = kl_divergence(base.logprobs[keep], evaluated.logprobs[keep])
     return record
 
 
@@ -465,7 +490,14 @@ def build_report(
         "base_model": base_model,
         "base_model_from": base_from,
         "groups": {
-            g.key: group_record(g, base.groups[g.key], evaluated.groups[g.key], judge, markers)
+            g.key: group_record(
+                g,
+                base.groups[g.key],
+                evaluated.groups[g.key],
+                judge,
+                markers,
+                evaluation.good_responses.get(g.key) if settings.kl_skip_refused_good else None,
+            )
             for g in evaluation.groups
         },
         "response_tokens": length,

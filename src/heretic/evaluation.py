@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from heretic.decoding import regroup
+from heretic.errors import DatasetError
 from heretic.judges import Judge
 from heretic.model import LayerOutputs
 
@@ -78,6 +79,7 @@ class Evaluator:
         progress: Callable[[int], None] | None = None,
         layer_outputs_store: torch.device | None = None,
         refusal_openings: bool = False,
+        skip_refused_good: bool = False,
     ) -> None:
         self.model = model
         self.good_prompts = list(good_prompts)
@@ -90,6 +92,11 @@ class Evaluator:
         log = log or (lambda _line: None)
         self._good_sorted = [self.good_prompts[i] for i in model.length_order(self.good_prompts)]
         self._bad_order = model.length_order(self.bad_prompts)
+        self.good_refused: list[str] = []
+        """Good prompts the original model refuses, left out of the KL divergence (with
+        `skip_refused_good`)."""
+        if skip_refused_good:
+            self._leave_out_refused_good(log)
         self._good_thinking = self._base_thinking(log)
         self.layer_outputs = self._plan_layer_skip(layer_skip_bytes, layer_outputs_store)
         self.base_logprobs = model.first_token_logprobs(
@@ -100,8 +107,48 @@ class Evaluator:
         )
         self._check_layer_skip(log)
         if progress:
-            progress(len(self.good_prompts))
+            progress(len(self.good_prompts) + len(self.good_refused))
         self._score_base(progress)
+
+    def _leave_out_refused_good(self, log: Callable[[str], None]) -> None:
+        """Drop from the KL prompts the good prompts the original model refuses.
+
+        A refusing model often refuses some harmless prompts too (the organism refuses 8-14 of
+        100 harmless Alpaca instructions); the edit is meant to lift those refusals, and the
+        first-token KL there measures that lift, not damage: on the organism it is about half
+        of a typical edit's KL (docs/generalization.md). Judged by the search's judge on greedy
+        responses of `max_response_length` tokens, once.
+        """
+        if not self._good_sorted:
+            return
+        responses = []
+        for start in range(0, len(self._good_sorted), self.batch_size):
+            decoding = self.model.decoding(
+                self._good_sorted[start : start + self.batch_size],
+                self.max_response_length,
+                self.judge.is_refusal if self.judge.monotone else None,
+            )
+            while not decoding.done:
+                decoding.step()
+            responses += decoding.responses()
+        verdicts = self.judge.verdicts(responses, self._good_sorted)
+        pairs = list(zip(self._good_sorted, verdicts, strict=True))
+        kept = [p for p, refused in pairs if not refused]
+        self.good_refused = [p for p, refused in pairs if refused]
+        if not kept:
+            raise DatasetError(
+                f"The original model refuses all {len(verdicts)} good evaluation prompts, so "
+                "no KL divergence is left to measure: check good_evaluation_prompts (are they "
+                "harmless?), or set kl_skip_refused_good = false."
+            )
+        self._good_sorted = kept
+        left_out = set(self.good_refused)
+        self.good_prompts = [p for p in self.good_prompts if p not in left_out]
+        log(
+            f"KL divergence on {len(kept)} good prompts: the original model refuses "
+            f"{len(self.good_refused)} of {len(verdicts)} (refusals the edit may lift), left out "
+            "(kl_skip_refused_good)"
+        )
 
     def _base_thinking(self, log: Callable[[str], None]) -> list[str] | None:
         """The original model's chain of thought for each good prompt (sorted order), or None

@@ -28,7 +28,6 @@ from heretic.judges import MarkerJudge
 from heretic.model import Model
 from heretic.progress import step_progress, tracked
 from heretic.refinements import READOUTS_KEY, DirectionSet, build_directions
-from heretic.sites import COMPONENTS
 from heretic.workers import exclusive_lock, pause_point
 
 
@@ -134,16 +133,25 @@ def compute_directions(
         warn=lambda line: console.print(f"[yellow]Warning:[/] {escape(line)}", highlight=False),
     )
     if fitted:
-        result.readouts = fit_readouts(
+        result.readouts, ridges = fit_readouts(
             module_outputs["good_prompts"],
             module_outputs["bad_prompts"],
             result.refusal,
-            settings.readout_ridge,
+            None if settings.readout_ridge_cv else settings.readout_ridge,
         )
-        console.print(
-            f"  fitted {model.n_layers * len(COMPONENTS)} readouts (ridge {settings.readout_ridge})"
-        )
+        console.print(f"  fitted {ridges.numel()} readouts ({ridge_summary(ridges)})")
     return result
+
+
+def ridge_summary(ridges: torch.Tensor) -> str:
+    """The ridge penalties the readouts were fitted with, in a few words."""
+    chosen = ridges[~ridges.isnan()]
+    if len(chosen) == 0:
+        return "no module writes anything"
+    low, mid, high = (float(q) for q in chosen.quantile(torch.tensor([0.0, 0.5, 1.0])))
+    if low == high:
+        return f"ridge {low:g}"
+    return f"ridge by leave-one-out cross-validation: median {mid:g}, {low:g} to {high:g}"
 
 
 def _probe_labels(

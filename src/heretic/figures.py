@@ -54,7 +54,7 @@ def figure_rows(metadata: Mapping[str, Any]) -> list[Row]:
         (
             "KL divergence",
             f"{search['kl_divergence']:.4f}",
-            pick(has_good, lambda: f"{held['kl_divergence']:.4f}"),
+            pick(has_good, lambda: _kl(held)),
         ),
         (
             "harmful prompts",
@@ -65,13 +65,25 @@ def figure_rows(metadata: Mapping[str, Any]) -> list[Row]:
         ("judge", search["judge"], pick(has_bad, lambda: f"{held['judge']}, and plain markers")),
         (
             "harmless prompts (KL)",
-            f"{search['n_good_prompts']}: {search['good_prompts']}; {search['kl_position']}",
-            pick(
-                has_good,
-                lambda: f"{held['n_good_prompts']}: {held['good_prompts']}; {held['kl_position']}",
-            ),
+            _kl_prompts(search),
+            pick(has_good, lambda: _kl_prompts(held)),
         ),
     ]
+
+
+def _kl(record: Mapping[str, Any]) -> str:
+    kl = record.get("kl_divergence")
+    return "-" if kl is None else f"{kl:.4f}"
+
+
+def _kl_prompts(record: Mapping[str, Any]) -> str:
+    """How many harmless prompts the KL divergence is over, where from, and which it left out
+    (kl_skip_refused_good)."""
+    text = f"{record['n_good_prompts']}: {record['good_prompts']}"
+    left_out = record.get("n_good_refused_left_out")
+    if left_out is not None:
+        text += f", less the {left_out} the original model refuses"
+    return f"{text}; {record['kl_position']}"
 
 
 def _held(held: Mapping[str, Any]) -> str:

@@ -66,6 +66,7 @@ PARTS: tuple[Part, ...] = (
     Part("ignore_echoed_markers", directions=PROBING),
     Part("refusal_judge"),
     Part("refusal_openings", only_when_on=True),
+    Part("kl_skip_refused_good", only_when_on=True),
     Part("judge_model", when=MODEL_JUDGE),
     Part("judge_prompt", when=MODEL_JUDGE),
     Part("judge_answers", when=MODEL_JUDGE),
@@ -79,6 +80,7 @@ PARTS: tuple[Part, ...] = (
     Part("row_normalization"),
     Part("readout", directions=True),  # the fitted readouts are saved with the directions
     Part("readout_ridge", directions=True, when=FITTED),
+    Part("readout_ridge_cv", directions=True, when=FITTED, only_when_on=True),
     Part("good_prompts", directions=True),
     Part("bad_prompts", directions=True),
     Part("good_evaluation_prompts"),

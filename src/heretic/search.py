@@ -120,6 +120,7 @@ def score_original(
             progress=lambda n: progress.advance(scoring, n),
             layer_outputs_store=store,
             refusal_openings=settings.refusal_openings,
+            skip_refused_good=settings.kl_skip_refused_good,
         )
     n_bad = len(evaluator.bad_prompts)
     if settings.refusal_judge == "adaptive":

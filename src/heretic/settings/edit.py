@@ -58,6 +58,12 @@ class EditFields(BaseModel):
         description="Ridge penalty of the fitted readouts, relative to the module outputs' mean "
         "squared norm per dimension.",
     )
+    readout_ridge_cv: bool = Field(
+        default=False,
+        description="Choose each fitted readout's ridge penalty by leave-one-out "
+        "cross-validation on the direction prompts (from 1e-4 to 1, relative, per module) "
+        "instead of readout_ridge for all.",
+    )
     orthogonalize_good_mean: bool = Field(
         default=True,
         description="Make each layer's refusal direction orthogonal to the mean residual of the "

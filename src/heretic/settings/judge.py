@@ -68,6 +68,13 @@ class JudgeFields(BaseModel):
         "cannot see once it reaches 0 (on the organism: 6 instead of 10 refusals per 100 "
         "held-out prompts, docs/generalization.md).",
     )
+    kl_skip_refused_good: bool = Field(
+        default=False,
+        description="Leave out of the KL divergence the good evaluation prompts the original "
+        "model refuses (judged once, on its greedy responses): lifting those refusals is what "
+        "the edit is for, and their first-token KL is not damage (on the organism about half of "
+        "an edit's KL comes from the 8-14 of 100 harmless prompts it refuses).",
+    )
     judge_model: str | None = Field(
         default=None,
         description="refusal_judge 'model': the judge, a chat/causal LM or a sequence classifier "
