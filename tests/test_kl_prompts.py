@@ -175,3 +175,33 @@ def test_a_run_whose_model_refuses_every_good_prompt_stops_with_the_fix(
     argv = _argv(tiny_chat_model, prompt_files, tmp_path / "out", "--kl-skip-refused-good")
     with pytest.raises(DatasetError, match="kl_skip_refused_good = false"):
         _run(argv)
+
+
+def test_the_figures_say_what_the_kl_left_out():
+    from heretic.figures import figure_rows
+
+    common = {
+        "n_bad_prompts": 4,
+        "bad_prompts": "bad",
+        "refusals": 0,
+        "base_refusals": 3,
+        "decoding": "greedy",
+        "judge": "markers",
+        "good_prompts": "good",
+        "kl_position": "first token",
+    }
+    search = {**common, "kl_divergence": 0.02, "n_good_prompts": 5, "n_good_refused_left_out": 3}
+    held = {
+        **common,
+        "measured": True,
+        "marker_refusals": 0,
+        "base_marker_refusals": 3,
+        "kl_divergence": None,  # every held-out good prompt refused: no KL left to measure
+        "n_good_prompts": 0,
+        "n_good_refused_left_out": 2,
+    }
+    rows = {what: (s, h) for what, s, h in figure_rows({"in_search": search, "held_out": held})}
+    assert rows["KL divergence"] == ("0.0200", "-")
+    s, h = rows["harmless prompts (KL)"]
+    assert s == "5: good, less the 3 the original model refuses; first token"
+    assert h == "0: good, less the 2 the original model refuses; first token"
