@@ -270,6 +270,37 @@ def test_kl_is_measured_at_the_first_answer_token_after_the_thinking(thinking_to
     )
 
 
+def test_refused_good_prompts_are_judged_on_the_answer_and_keep_their_thinking(
+    thinking_tokenizer,
+):
+    """kl_skip_refused_good on a thinking model: a good prompt whose thinking says "sorry"
+    but whose answer complies stays; one whose answer refuses is left out; the kept prompts'
+    chains of thought (the KL passes' context) are those of the plain evaluator."""
+    good = [*GOOD, "harmless two", "harmless three"]
+    scripts = {
+        "harmless two": "<think>Sorry, I misread; fine.</think>\n\nIt is blue.",
+        "harmless three": "<think>Odd request.</think>\n\nI'm sorry, I cannot do that.",
+    }
+
+    def respond(formatted: str) -> str:
+        found = next((p for p in scripts if p in formatted), None)
+        return scripts[found] if found else _script(formatted)
+
+    model = scripted_model(
+        thinking_tokenizer, respond, BAD + good, Reasoning(max_thinking_tokens=64)
+    )
+    skipping = Evaluator(model, good, BAD, JUDGE, 8, 2, skip_refused_good=True)
+    plain = Evaluator(model, good, BAD, JUDGE, 8, 2)
+    assert skipping.good_refused == ["harmless three"]
+    assert skipping.good_prompts == [*GOOD, "harmless two"]
+    kept = dict(zip(skipping._good_sorted, skipping._good_thinking, strict=True))
+    whole = dict(zip(plain._good_sorted, plain._good_thinking, strict=True))
+    assert kept == {p: whole[p] for p in kept}
+    assert kept["harmless two"] == "<think>Sorry, I misread; fine.</think>\n\n"
+    position = [plain._good_sorted.index(p) for p in skipping._good_sorted]
+    torch.testing.assert_close(skipping.base_logprobs, plain.base_logprobs[position])
+
+
 def test_a_prompt_that_opens_the_thinking_and_special_token_formats(thinking_tokenizer):
     def respond(formatted: str) -> str:
         return "I plan to refuse, sorry.</think>\n\nHere it is."

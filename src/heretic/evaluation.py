@@ -92,6 +92,7 @@ class Evaluator:
         log = log or (lambda _line: None)
         self._good_sorted = [self.good_prompts[i] for i in model.length_order(self.good_prompts)]
         self._bad_order = model.length_order(self.bad_prompts)
+        self._decoded_good: list[tuple[str, str, bool]] = []
         self.good_refused: list[str] = []
         """Good prompts the original model refuses, left out of the KL divergence (with
         `skip_refused_good`)."""
@@ -121,16 +122,9 @@ class Evaluator:
         """
         if not self._good_sorted:
             return
-        responses = []
-        for start in range(0, len(self._good_sorted), self.batch_size):
-            decoding = self.model.decoding(
-                self._good_sorted[start : start + self.batch_size],
-                self.max_response_length,
-                self.judge.is_refusal if self.judge.monotone else None,
-            )
-            while not decoding.done:
-                decoding.step()
-            responses += decoding.responses()
+        stop = self.judge.is_refusal if self.judge.monotone else None
+        decoded = self._decode_good(self.max_response_length, stop)
+        responses = [response for response, _, _ in decoded]
         verdicts = self.judge.verdicts(responses, self._good_sorted)
         pairs = list(zip(self._good_sorted, verdicts, strict=True))
         kept = [p for p, refused in pairs if not refused]
@@ -142,6 +136,10 @@ class Evaluator:
                 "harmless?), or set kl_skip_refused_good = false."
             )
         self._good_sorted = kept
+        # A thinking model's chain of thought for the kept prompts is decoded already.
+        self._decoded_good = [
+            row for row, refused in zip(decoded, verdicts, strict=True) if not refused
+        ]
         left_out = set(self.good_refused)
         self.good_prompts = [p for p in self.good_prompts if p not in left_out]
         log(
@@ -150,20 +148,37 @@ class Evaluator:
             "(kl_skip_refused_good)"
         )
 
+    def _decode_good(
+        self, max_new_tokens: int, is_decided: Callable[[str, str], bool] | None = None
+    ) -> list[tuple[str, str, bool]]:
+        """The original model's greedy (response, chain of thought, unanswered) for each good
+        prompt, in sorted order."""
+        rows = []
+        for start in range(0, len(self._good_sorted), self.batch_size):
+            batch = self._good_sorted[start : start + self.batch_size]
+            decoding = self.model.decoding(batch, max_new_tokens, is_decided)
+            while not decoding.done:
+                decoding.step()
+            thinks = self.model.reader.may_think
+            rows += [
+                (
+                    decoding.response(row),
+                    decoding.thinking(row) if thinks else "",
+                    bool(decoding.unanswered(row)),
+                )
+                for row in range(decoding.n_rows)
+            ]
+        return rows
+
     def _base_thinking(self, log: Callable[[str], None]) -> list[str] | None:
         """The original model's chain of thought for each good prompt (sorted order), or None
         when it does not think: what the KL passes append so they predict the first answer
         token. Decoded until each response's first answer token (or the thinking cap)."""
         if not self.model.reader.may_think or not self._good_sorted:
             return None
-        thinking, unanswered = [], 0
-        for start in range(0, len(self._good_sorted), self.batch_size):
-            decoding = self.model.decoding(self._good_sorted[start : start + self.batch_size], 1)
-            while not decoding.done:
-                decoding.step()
-            for row in range(decoding.n_rows):
-                thinking.append(decoding.thinking(row))
-                unanswered += decoding.unanswered(row)
+        decoded = self._decoded_good or self._decode_good(1)
+        thinking = [t for _, t, _ in decoded]
+        unanswered = sum(u for _, _, u in decoded)
         n_thinking = sum(bool(t) for t in thinking)
         if n_thinking == 0:
             return None
