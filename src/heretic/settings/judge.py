@@ -72,8 +72,8 @@ class JudgeFields(BaseModel):
         default=False,
         description="Leave out of the KL divergence the good evaluation prompts the original "
         "model refuses (judged once, on its greedy responses): lifting those refusals is what "
-        "the edit is for, and their first-token KL is not damage (on the organism about half of "
-        "an edit's KL comes from the 8-14 of 100 harmless prompts it refuses).",
+        "the edit is for, and their first-token KL is not damage (on the organism the 7 of 100 "
+        "harmless prompts it refuses carry about 40% of an edit's KL).",
     )
     judge_model: str | None = Field(
         default=None,
