@@ -117,8 +117,8 @@ class Evaluator:
         A refusing model often refuses some harmless prompts too (the organism refuses 7 of 100
         harmless Alpaca instructions with its system prompt, 14 without); the edit is meant to
         lift those refusals, and the first-token KL there measures that lift, not damage: on
-        the organism they carry 40-60% of a typical edit's KL (docs/generalization.md). Judged by the search's judge on greedy
-        responses of `max_response_length` tokens, once.
+        the organism they carry 40-60% of a typical edit's KL (docs/generalization.md). Judged
+        by the search's judge on greedy responses of `max_response_length` tokens, once.
         """
         if not self._good_sorted:
             return
