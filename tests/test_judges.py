@@ -11,7 +11,13 @@ import pytest
 
 from heretic.config import DEFAULT_REFUSAL_MARKERS, Settings
 from heretic.evaluation import Score
-from heretic.judges import AdaptiveJudge, MarkerJudge, describe_judge, opening_words
+from heretic.judges import (
+    AdaptiveJudge,
+    MarkerJudge,
+    describe_judge,
+    opening_words,
+    split_by_verdicts,
+)
 from heretic.optimization import (
     DO_NOTHING_CONSTRAINT,
     SearchSpace,
@@ -205,3 +211,14 @@ def test_do_nothing_trials_are_infeasible_for_the_sampler_and_off_the_front(tmp_
     scores = iter([(0.001, 20), (0.002, 19)])
     run_search(idle, 2, SearchSpace(n_layers=4), score, base_refusals=20)
     assert [t.number for t in pareto_front(idle)] == [1, 0]
+
+
+def test_split_by_verdicts_keeps_order_and_pairs_each_item_with_its_verdict():
+    judge = MarkerJudge(("i cannot",))
+    prompts = ["a", "b", "c", "d"]
+    responses = ["Sure: a", "I cannot help", "Here is c", "I cannot do d"]
+    answered, refused = split_by_verdicts(prompts, judge.verdicts(responses, prompts))
+    assert answered == ["a", "c"]
+    assert refused == ["b", "d"]
+    with pytest.raises(ValueError, match="3 items but 4 verdicts"):
+        split_by_verdicts(prompts[:3], [True, False, False, True])

@@ -32,7 +32,7 @@ from heretic.figures import (
     rich_table,
 )
 from heretic.holdout import AfterSearchSets, HeldOutSet
-from heretic.judges import Judge, MarkerJudge, describe_judge
+from heretic.judges import Judge, MarkerJudge, describe_judge, split_by_verdicts
 from heretic.optimization import Objectives, best_trial, objectives, params_from_trial
 from heretic.perplexity import CrossEntropy, TokenTexts, cross_entropy, plain_texts
 from heretic.progress import step_progress
@@ -172,10 +172,9 @@ class Confirmation:
     def _leave_out_refused(self, rows: list) -> None:
         """Keep for the KL divergence only the good prompts the original model answers."""
         verdicts = self.judge.verdicts([d.response(r) for d, r in rows], self._good)
-        self.good_refused = [p for p, no in zip(self._good, verdicts, strict=True) if no]
-        self._kl_good = [p for p, no in zip(self._good, verdicts, strict=True) if not no]
+        self._kl_good, self.good_refused = split_by_verdicts(self._good, verdicts)
         if self._thinking is not None:
-            self._thinking = [t for t, no in zip(self._thinking, verdicts, strict=True) if not no]
+            self._thinking = split_by_verdicts(self._thinking, verdicts)[0]
 
     def _response_texts(self, rows: list) -> TokenTexts | None:
         texts = response_texts(

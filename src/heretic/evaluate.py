@@ -42,7 +42,14 @@ from heretic.errors import HereticError, SettingsError
 from heretic.evaluation import kl_divergence
 from heretic.export import heretic_version, library_versions, write_json
 from heretic.holdout import AfterSearchSets, HeldOutSet, hold_out, sets_to_load
-from heretic.judges import OPENING_TOKENS, AdaptiveJudge, Judge, MarkerJudge, describe_judge
+from heretic.judges import (
+    OPENING_TOKENS,
+    AdaptiveJudge,
+    Judge,
+    MarkerJudge,
+    describe_judge,
+    split_by_verdicts,
+)
 from heretic.loading import load_configured
 from heretic.model import Model
 from heretic.model_judge import scoring_judge
@@ -427,20 +434,16 @@ def group_record(
     """One prompt group's figures for both models, and where its prompts came from;
     with `good_responses` (the base's, under kl_skip_refused_good) the KL divergence leaves
     out the good prompts the base refuses."""
-    answered = None
-    if good_responses is not None:
-        answered = [not r for r in judge.verdicts(good_responses, group.good)]
-    n_good = len(group.good) if answered is None else sum(answered)
+    refused = None if good_responses is None else judge.verdicts(good_responses, group.good)
+    n_good = len(group.good) - (0 if refused is None else sum(refused))
     record: dict[str, Any] = {
         "n_bad_prompts": len(group.bad),
         "bad_prompts": group.bad_source,
         "n_good_prompts": n_good,
         "good_prompts": group.good_source,
     }
-    if answered is not None:
-        record |= left_out_record(
-            [p for p, kept in zip(group.good, answered, strict=True) if not kept], skipping=True
-        )
+    if refused is not None:
+        record |= left_out_record(split_by_verdicts(group.good, refused)[1], skipping=True)
     if group.bad:
         record["base"] = _refusal_record(judge, markers, base)
         record["evaluated"] = _refusal_record(judge, markers, evaluated)
@@ -451,10 +454,10 @@ def group_record(
                 f"{evaluated.logprobs.shape[-1]} logits): their next-token probabilities "
                 "cannot be compared. Evaluate against the model it was made from (--model)."
             )
-        if answered is None:
+        if refused is None:
             record["kl_divergence"] = kl_divergence(base.logprobs, evaluated.logprobs)
         elif n_good:
-            keep = torch.tensor(answered)
+            keep = ~torch.tensor(refused, dtype=torch.bool)
             record["kl_divergence"] = kl_divergence(base.logprobs[keep], evaluated.logprobs[keep])
     return record
 

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from heretic.decoding import regroup
 from heretic.errors import DatasetError
-from heretic.judges import Judge
+from heretic.judges import Judge, split_by_verdicts
 from heretic.model import LayerOutputs
 
 
@@ -126,9 +126,7 @@ class Evaluator:
         decoded = self._decode_good(self.max_response_length, stop)
         responses = [response for response, _, _ in decoded]
         verdicts = self.judge.verdicts(responses, self._good_sorted)
-        pairs = list(zip(self._good_sorted, verdicts, strict=True))
-        kept = [p for p, refused in pairs if not refused]
-        self.good_refused = [p for p, refused in pairs if refused]
+        kept, self.good_refused = split_by_verdicts(self._good_sorted, verdicts)
         if not kept:
             raise DatasetError(
                 f"The original model refuses all {len(verdicts)} good evaluation prompts, so "
@@ -137,9 +135,7 @@ class Evaluator:
             )
         self._good_sorted = kept
         # A thinking model's chain of thought for the kept prompts is decoded already.
-        self._decoded_good = [
-            row for row, refused in zip(decoded, verdicts, strict=True) if not refused
-        ]
+        self._decoded_good = split_by_verdicts(decoded, verdicts)[0]
         left_out = set(self.good_refused)
         self.good_prompts = [p for p in self.good_prompts if p not in left_out]
         log(

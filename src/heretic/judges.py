@@ -15,7 +15,9 @@ import re
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any, ClassVar, Protocol
+from typing import Any, ClassVar, Protocol, TypeVar
+
+T = TypeVar("T")
 
 
 def normalize_text(text: str) -> str:
@@ -96,6 +98,17 @@ def refusal_verdicts(
     return [
         not r.strip() or judge.is_refusal(r, p) for r, p in zip(responses, prompts, strict=True)
     ]
+
+
+def split_by_verdicts(items: Sequence[T], verdicts: Sequence[bool]) -> tuple[list[T], list[T]]:
+    """`items` (one per judged response, in order) split into those whose response was
+    answered and those refused: the KL divergence leaves out the harmless prompts the original
+    model refuses (kl_skip_refused_good), and with them their decodes and chains of thought."""
+    if len(items) != len(verdicts):
+        raise ValueError(f"{len(items)} items but {len(verdicts)} verdicts")
+    answered = [item for item, refused in zip(items, verdicts, strict=True) if not refused]
+    refused = [item for item, refused in zip(items, verdicts, strict=True) if refused]
+    return answered, refused
 
 
 OPENING_WORDS = 24
