@@ -117,7 +117,27 @@ MIXES = {
         "bad": [("advbench_rest", 0, 135), ("harmful_train", 0, 130)],
         "bad_eval": [("advbench_rest", 270, 340), ("harmful_train", 130, 160)],
     },
+    # As "advbench", with the search's KL on 300 harmless prompts instead of 100: the first 100
+    # (so the "KL search's prompts" column still reads prompts the search scored) and
+    # harmless_val[200:400], leaving the unseen harmless_val[100:200] out.
+    "advbench-kl300": {
+        "bad": [("advbench_rest", 0, 270)],
+        "bad_eval": [("advbench_rest", 270, 370)],
+        "good_eval": [("harmless_val", 0, 100), ("harmless_val", 200, 400)],
+    },
+    # As "advbench", with the directions and fitted readouts from 2000 harmless prompts
+    # instead of 400 (each readout is a ridge fit in the hidden size's dimensions).
+    "advbench-good2000": {
+        "bad": [("advbench_rest", 0, 270)],
+        "bad_eval": [("advbench_rest", 270, 370)],
+        "good": [("harmless_train", 0, 2000)],
+    },
 }
+
+DIRECTIONS_GOOD = [("harmless_train", 0, 400)]
+"""The harmless prompts of the directions unless a mix names its own ("good")."""
+SEARCH_KL = [("harmless_val", 0, 100)]
+"""The search's KL prompts unless a mix names its own ("good_eval")."""
 
 
 @dataclass(frozen=True)
@@ -149,9 +169,9 @@ def search_prompts(mix: str, sizes: Sizes) -> dict[str, list[str]]:
 
     return {
         "bad_prompts": take(MIXES[mix]["bad"]),
-        "good_prompts": instructions("harmless_train")[:400],
+        "good_prompts": take(MIXES[mix].get("good", DIRECTIONS_GOOD)),
         "bad_evaluation_prompts": spread(take(MIXES[mix]["bad_eval"]), sizes.search),
-        "good_evaluation_prompts": instructions("harmless_val")[:100],
+        "good_evaluation_prompts": take(MIXES[mix].get("good_eval", SEARCH_KL)),
     }
 
 
@@ -170,13 +190,23 @@ def held_out_prompts(sizes: Sizes) -> dict[str, list[str]]:
 
 
 def unseen_harmless() -> list[str]:
-    return instructions("harmless_val")[100:200]
+    """`harmless_val[100:200]` (the "KL unseen" column since 2026-12-02), then
+    `harmless_val[400:800]`: a mean of 100 first-token KLs swings with the few prompts that
+    carry most of it (one edit: 0.059 to 0.078 over five such hundreds), so "KL unseen, 500"
+    is the one to read. `[200:400]` is left out: the `kl-300` search scores those."""
+    every = instructions("harmless_val")
+    return every[100:200] + every[400:800]
 
 
 def kl_prompts() -> list[str]:
     """The search's KL prompts (`harmless_val[:100]`), then the unseen ones: the KL of a saved
     model on the first tells rounding in the merged weights apart from a shift of prompts."""
     return instructions("harmless_val")[:100] + unseen_harmless()
+
+
+N_ANSWERED = 200
+"""The KL prompts whose original responses are judged (the search's and the first 100
+unseen): "KL unseen, answered" is over the unseen hundred of those."""
 
 
 def harmless_logprobs(model) -> object:
@@ -191,11 +221,13 @@ def kl_figures(base_logprobs, logprobs, answered=None) -> dict[str, float]:
 
     figures = {
         "kl_search": kl_divergence(base_logprobs[:100], logprobs[:100]),
-        "kl": kl_divergence(base_logprobs[100:], logprobs[100:]),
+        "kl": kl_divergence(base_logprobs[100:200], logprobs[100:200]),
+        "kl_500": kl_divergence(base_logprobs[100:], logprobs[100:]),
     }
     if answered is not None:
-        keep = answered[100:]
-        figures["kl_answered"] = kl_divergence(base_logprobs[100:][keep], logprobs[100:][keep])
+        keep = answered[100:N_ANSWERED]
+        base, edited = base_logprobs[100:N_ANSWERED], logprobs[100:N_ANSWERED]
+        figures["kl_answered"] = kl_divergence(base[keep], edited[keep])
     return figures
 
 
@@ -210,9 +242,12 @@ def answered_kl_prompts(model, workdir: Path, judge, sizes: Sizes):
 
         print("original model: responses to the harmless KL prompts ...", flush=True)
         m = load_model(str(model), device_map="cpu", system_prompt=SYSTEM_PROMPT)
-        path.write_text(json.dumps(m.generate(kl_prompts(), sizes.tokens, BATCH)))
+        prompts = kl_prompts()[:N_ANSWERED]
+        path.write_text(json.dumps(m.generate(prompts, sizes.tokens, BATCH)))
     responses = json.loads(path.read_text())
-    return torch.tensor([not v for v in judge.verdicts(responses, kl_prompts())])
+    if len(responses) != N_ANSWERED:
+        raise SystemExit(f"{path} has {len(responses)} responses, not {N_ANSWERED}: delete it")
+    return torch.tensor([not v for v in judge.verdicts(responses, kl_prompts()[:N_ANSWERED])])
 
 
 def write_prompt_files(folder: Path, prompts: dict[str, list[str]]) -> dict[str, Path]:
@@ -290,6 +325,16 @@ CONFIGS = [
         "kl-answered",
         "KL only on the good prompts the original model answers (kl_skip_refused_good)",
         {"kl_skip_refused_good": True},
+    ),  # fmt: skip
+    Config(
+        "kl-300",
+        "the search's KL on 300 harmless prompts instead of 100",
+        mix="advbench-kl300",
+    ),  # fmt: skip
+    Config(
+        "good-2000",
+        "directions and fitted readouts from 2000 harmless prompts instead of 400",
+        mix="advbench-good2000",
     ),  # fmt: skip
     Config("upstream", "heretic-llm 1.4.0, its defaults", tool="upstream"),
 ]
@@ -480,7 +525,7 @@ def evaluate(model_path: str, folder: Path, sizes: Sizes, base: dict) -> dict:
         path = folder / f"held-out-{sizes.tag()}.json"
         path.write_text(json.dumps(result))
     result = json.loads(path.read_text())
-    if "kl_answered" not in result:  # cached before these KL figures were measured
+    if "kl_500" not in result:  # cached before these KL figures were measured
         from heretic.loading import load_model
 
         model = load_model(model_path, device_map="cpu", system_prompt=SYSTEM_PROMPT)
@@ -665,7 +710,9 @@ def search_upstream(model: Path, n_trials: int, folder: Path, sizes: Sizes) -> d
 
 def used_sources(mix: str) -> set[str]:
     """The data files a configuration's search reads harmful prompts from."""
-    return {name for parts in MIXES[mix].values() for name, _, _ in parts}
+    return {
+        name for key, parts in MIXES[mix].items() if key.startswith("bad") for name, _, _ in parts
+    }
 
 
 def row_cells(
@@ -697,6 +744,7 @@ def row_cells(
         f"{held.get('kl_search', 0.0):.3f}",
         f"{held.get('kl', 0.0):.3f}",
         f"{held.get('kl_answered', 0.0):.3f}",
+        "-" if "kl_500" not in held else f"{held['kl_500']:.3f}",
     ]
     cells.append(
         "-" if search is None or "seconds" not in search else f"{search['seconds'] / 60:.0f}"
@@ -721,6 +769,7 @@ def print_table(
         "KL saved, search's prompts",
         "KL unseen",
         "KL unseen, answered",
+        "KL unseen, 500",
         "search min",
         *(extra or []),
     ]
@@ -880,7 +929,7 @@ def main() -> None:
         f"{len(judges.adaptive.markers)} markers",
         flush=True,
     )
-    rows = [row_cells("original model", None, {**base, "kl": 0.0}, judges, sizes)]
+    rows = [row_cells("original model", None, {**base, "kl": 0.0, "kl_500": 0.0}, judges, sizes)]
     n_answered = int(base["answered"][100:].sum())
     print(
         f"the original model answers {n_answered} of the 100 unseen harmless prompts (adaptive "

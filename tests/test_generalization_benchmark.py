@@ -46,6 +46,9 @@ def test_upstream_trial_is_chosen_by_heretics_rule():
 def test_a_source_the_search_used_is_not_counted_as_held_out():
     assert generalization.used_sources("advbench") == {"advbench_rest"}
     assert "harmful_train" in generalization.used_sources("mixed")
+    # Harmless prompts are never held-out harmful sources.
+    assert generalization.used_sources("advbench-good2000") == {"advbench_rest"}
+    assert generalization.used_sources("advbench-kl300") == {"advbench_rest"}
     for mix in generalization.MIXES:
         assert "harmful_val" not in generalization.used_sources(mix)
 
@@ -110,3 +113,22 @@ def test_refusal_opening_probability_is_the_same_batched_and_alone(tiny_chat_mod
     assert batched["geometric"] == pytest.approx(sum(e[1] for e in expected) / 2, rel=1e-4)
     with pytest.raises(ValueError, match="refused none"):
         opening_probability(model, [])
+
+
+def test_kl_figures_read_each_column_from_its_own_prompts():
+    import torch
+
+    from heretic.evaluation import kl_divergence
+
+    torch.manual_seed(0)
+    n = 100 + 500
+    base = torch.log_softmax(torch.randn(n, 7), -1)
+    edited = torch.log_softmax(torch.randn(n, 7), -1)
+    answered = torch.ones(generalization.N_ANSWERED, dtype=torch.bool)
+    answered[[105, 150]] = False
+    figures = generalization.kl_figures(base, edited, answered)
+    assert figures["kl_search"] == pytest.approx(kl_divergence(base[:100], edited[:100]))
+    assert figures["kl"] == pytest.approx(kl_divergence(base[100:200], edited[100:200]))
+    assert figures["kl_500"] == pytest.approx(kl_divergence(base[100:], edited[100:]))
+    keep = [i for i in range(100, 200) if i not in (105, 150)]
+    assert figures["kl_answered"] == pytest.approx(kl_divergence(base[keep], edited[keep]))
