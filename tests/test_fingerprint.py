@@ -240,10 +240,15 @@ def test_studies_recorded_before_this_module_still_match():
     version computes for the same settings, except `seed` now joins a probing study's key, and
     the held-out confirmation's share of the evaluation sets joins the key while it is taken
     (its search scores on fewer prompts; with --no-confirm the old keys match as they were), and
-    so does `refusal_openings` while it is on (the refusal objective is no longer the count)."""
+    so does `refusal_openings` while it is on (the refusal objective is no longer the count),
+    and the default good_prompts is 2000 prompts, not 400 (other directions: an old study with
+    the old default does not resume under the new one)."""
     recorded = json.loads((DATA / "study_fingerprints_v1.json").read_text())["studies"]
     assert len(recorded) >= 7
-    old = {"confirm": False, "refusal_openings": False}
+    old_good = DatasetSpecification(
+        dataset="mlabonne/harmless_alpaca", split="train[:400]", column="text"
+    )
+    old = {"confirm": False, "refusal_openings": False, "good_prompts": old_good}
     for study in recorded:
         settings = _settings(**study["overrides"])
         expected = dict(study["fingerprint"])
@@ -252,7 +257,9 @@ def test_studies_recorded_before_this_module_still_match():
         assert study_key(settings.model_copy(update=old)) == expected
         expected[HOLDOUT_KEY] = {"bad_evaluation_prompts": 0.2, "good_evaluation_prompts": 0.2}
         expected["refusal_openings"] = True
+        expected["good_prompts"] = {**expected["good_prompts"], "split": "train[:2000]"}
         assert study_key(settings) == expected, study["overrides"]
+        assert study_key(settings.model_copy(update={"good_prompts": old_good})) != expected
 
 
 def test_a_study_remembers_forced_changes(tmp_path):
